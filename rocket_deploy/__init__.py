@@ -1,0 +1,34 @@
+"""rocket-deploy: training-free ROCKET compression and deployment of transformer models.
+
+Public API (imported lazily so ``import rocket_deploy`` stays light)::
+
+    import rocket_deploy as rd
+    model, tok = rd.load_model("smollm2-135m")
+    result = rd.compress(model, tok, rd.RocketConfig(budget=0.3), out="smol-0.3")
+    model2 = rd.load("smol-0.3")
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "RocketConfig": ("rocket_deploy.config", "RocketConfig"),
+    "CalibrationConfig": ("rocket_deploy.config", "CalibrationConfig"),
+    "RocketLinear": ("rocket_deploy.rocket_linear", "RocketLinear"),
+    "load": ("rocket_deploy.artifact", "load"),
+    "load_artifact": ("rocket_deploy.artifact", "load_artifact"),
+    "load_model": ("rocket_deploy.models", "load_model"),
+    "compress": ("rocket_deploy.compress.pipeline", "compress"),
+    "profile": ("rocket_deploy.compress.pipeline", "profile"),
+    "open_engine": ("rocket_deploy.runtime.engine", "open_engine"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'rocket_deploy' has no attribute {name!r}")

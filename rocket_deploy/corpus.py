@@ -1,0 +1,227 @@
+"""Calibration and evaluation text: user files, or text that is installed anyway on any machine.
+
+Sources (each yields :class:`Document` objects):
+
+* ``stdlib`` -- docstrings of the Python standard library (modules, classes, functions);
+* ``pyref`` -- the Python reference manual's help topics (``pydoc_data.topics``), English technical prose;
+* ``licenses`` -- license texts installed with the Python packages here (``*.dist-info``) and, on Debian,
+  ``/usr/share/common-licenses``;
+* a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file with a ``text`` field.
+
+Documents, not tokens, are split between calibration and held-out evaluation, so the two never share text.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import glob
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import os
+import random
+import sys
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+
+BUILTIN_SOURCES = ("stdlib", "pyref", "licenses")
+_SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "__hello__",
+                 "__phello__", "lib2to3", "ensurepip", "venv", "pydoc", "webbrowser", "xxsubtype", "msvcrt",
+                 "winreg", "winsound", "_winapi", "nt", "tty", "pty", "curses", "readline", "sqlite3.test"}
+
+
+class CorpusError(ValueError):
+    """Bad or empty calibration / evaluation text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    text: str
+    domain: str
+    source: str
+
+
+def _clean(text: str | None, min_chars: int) -> str | None:
+    if not text:
+        return None
+    text = inspect.cleandoc(text).strip()
+    return text if len(text) >= min_chars else None
+
+
+@functools.lru_cache(maxsize=2)
+def _stdlib_docs() -> tuple[Document, ...]:
+    names = sorted(n for n in getattr(sys, "stdlib_module_names", ()) if not n.startswith("_") and n not in _SKIP_MODULES)
+    docs, seen = [], set()
+    sink = io.StringIO()
+    for name in names:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            try:
+                mod = importlib.import_module(name)
+            except BaseException:  # noqa: BLE001 -- platform modules that do not import here are skipped
+                continue
+        items = [(name, mod)]
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr, None)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                items.append((f"{name}.{attr}", obj))
+                if inspect.isclass(obj):
+                    for meth in sorted(vars(obj)):
+                        fn = vars(obj)[meth]
+                        if not meth.startswith("_") and inspect.isfunction(fn):
+                            items.append((f"{name}.{attr}.{meth}", fn))
+        for qual, obj in items:
+            text = _clean(obj.__doc__ if not inspect.ismodule(obj) else mod.__doc__, 200)
+            if text and text not in seen:
+                seen.add(text)
+                docs.append(Document(text, "stdlib", qual))
+    return tuple(docs)
+
+
+def stdlib_docstrings(max_docs: int | None = None) -> list[Document]:
+    docs = list(_stdlib_docs())
+    return docs[:max_docs] if max_docs else docs
+
+
+def python_reference_topics() -> list[Document]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return []
+    out = []
+    for key in sorted(topics):
+        # Topics are long; paragraphs-groups of ~2k chars make documents of a size similar to docstrings.
+        paras = [p.strip() for p in topics[key].split("\n\n") if p.strip()]
+        buf: list[str] = []
+        for p in paras:
+            buf.append(p)
+            if sum(map(len, buf)) > 2000:
+                out.append(Document("\n\n".join(buf), "pyref", key))
+                buf = []
+        if buf and sum(map(len, buf)) > 200:
+            out.append(Document("\n\n".join(buf), "pyref", key))
+    return out
+
+
+def installed_licenses() -> list[Document]:
+    paths: set[str] = set()
+    for site in sys.path:
+        if os.path.isdir(site):
+            for pat in ("*.dist-info/LICENSE*", "*.dist-info/licenses/**/*", "*.dist-info/COPYING*"):
+                paths.update(glob.glob(os.path.join(site, pat), recursive=True))
+    paths.update(glob.glob("/usr/share/common-licenses/*"))
+    docs, seen = [], set()
+    for p in sorted(paths):
+        if not os.path.isfile(p) or os.path.getsize(p) > 200_000:
+            continue
+        try:
+            with open(p, encoding="utf-8") as f:
+                text = _clean(f.read(), 300)
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text and text not in seen:
+            seen.add(text)
+            docs.append(Document(text, "licenses", p))
+    return docs
+
+
+def read_text_file(path: str) -> list[Document]:
+    """A ``.txt`` file (blank-line separated documents) or ``.jsonl`` with a ``text`` field per line."""
+    if not os.path.isfile(path):
+        raise CorpusError(f"calibration file {path!r} does not exist; pass a .txt or .jsonl file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"cannot read {path!r} as UTF-8 text ({e}); pass a UTF-8 .txt or .jsonl file") from e
+    docs = []
+    if path.endswith((".jsonl", ".json")):
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be an object with a 'text' field") from e
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise CorpusError(f"{path}:{i}: each line must be a JSON object with a string 'text' field")
+            if rec["text"].strip():
+                docs.append(Document(rec["text"].strip(), "user", f"{path}:{i}"))
+    else:
+        for i, block in enumerate(raw.split("\n\n")):
+            if block.strip():
+                docs.append(Document(block.strip(), "user", f"{path}#{i}"))
+    if not docs:
+        raise CorpusError(f"{path!r} contains no text; calibration needs at least one non-empty document")
+    return docs
+
+
+def load_source(source: str) -> list[Document]:
+    if source == "stdlib":
+        return stdlib_docstrings()
+    if source == "pyref":
+        return python_reference_topics()
+    if source == "licenses":
+        return installed_licenses()
+    return read_text_file(source)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSplit:
+    """Token chunks of one split: ``ids`` is ``[n, seq_len]`` int64."""
+    ids: torch.Tensor
+    domain: str
+    n_documents: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+def split_documents(docs: Sequence[Document], heldout_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """Shuffle (seeded) and cut the documents into disjoint (calibration, held-out) lists."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError("heldout_fraction must be in (0, 1)")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, int(round(len(docs) * heldout_fraction))) if len(docs) > 1 else 0
+    held = [docs[i] for i in order[:n_held]]
+    calib = [docs[i] for i in order[n_held:]]
+    return calib, held
+
+
+def chunk_tokens(tokenizer, docs: Iterable[Document], seq_len: int, n_samples: int, domain: str = "mixed") -> TokenSplit:
+    """Concatenate documents (separated by EOS) and cut ``n_samples`` chunks of ``seq_len`` tokens."""
+    if seq_len < 2:
+        raise CorpusError("seq_len must be at least 2")
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    need = seq_len * n_samples
+    buf: list[int] = []
+    n_docs = 0
+    for d in docs:
+        ids = tokenizer(d.text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            continue
+        buf.extend(ids)
+        if sep is not None:
+            buf.append(int(sep))
+        n_docs += 1
+        if len(buf) >= need:
+            break
+    n = min(n_samples, len(buf) // seq_len)
+    if n == 0:
+        raise CorpusError(f"the text gives {len(buf)} tokens, fewer than one sample of --seq-len {seq_len}; "
+                          "add text or lower --seq-len")
+    ids = torch.tensor(buf[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return TokenSplit(ids, domain, n_docs)
+
+
+def fingerprint(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,48 @@
+"""Torch backend: runs a transformers model (dense, or a loaded ROCKET artifact) behind :class:`Engine`."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .engine import Engine
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.is_decoder = bool(getattr(model.config, "is_decoder", False)) or hasattr(model, "lm_head") \
+            or "ForCausalLM" in type(model).__name__
+
+    @classmethod
+    def from_path(cls, path: str, device: str | None = None) -> "TorchEngine":
+        from rocket_deploy.artifact import load_artifact
+        model, tokenizer, _ = load_artifact(path)
+        return cls(model, tokenizer, device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Any | None):
+        ids = torch.as_tensor(input_ids, device=self.device)
+        mask = torch.as_tensor(attention_mask, device=self.device)
+        if not self.is_decoder:
+            out = self.model(input_ids=ids, attention_mask=mask)
+            return out.last_hidden_state.float().cpu().numpy(), None
+        if past is None:
+            from transformers import DynamicCache
+            past = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+        return out.logits.float().cpu().numpy(), out.past_key_values
+
+    def model_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
