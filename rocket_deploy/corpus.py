@@ -78,7 +78,9 @@ def _stdlib_docs() -> tuple[Document, ...]:
                         if not meth.startswith("_") and inspect.isfunction(fn):
                             items.append((f"{name}.{attr}.{meth}", fn))
         for qual, obj in items:
-            text = _clean(obj.__doc__ if not inspect.ismodule(obj) else mod.__doc__, 200)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                text = _clean(obj.__doc__ if not inspect.ismodule(obj) else mod.__doc__, 200)
             if text and text not in seen:
                 seen.add(text)
                 docs.append(Document(text, "stdlib", qual))

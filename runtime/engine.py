@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Iterator
@@ -26,8 +27,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -135,7 +136,7 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
     if params.temperature == 0:
         return int(np.argmax(logits))
     z = logits / params.temperature
-    if params.top_k:
+    if params.top_k and params.top_k < z.size:     # top_k >= vocab keeps everything
         kth = np.partition(z, -params.top_k)[-params.top_k]
         z = np.where(z < kth, -np.inf, z)
     z = z - z.max()

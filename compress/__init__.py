@@ -1,0 +1,1 @@
+"""ROCKET compression: calibration hooks, whitening, factorization, profiling and knapsack allocation."""

@@ -1,0 +1,44 @@
+"""Uniform-allocation baselines at the same bytes: ROCKET-uniform and SVD-LLM (whitened truncated SVD)."""
+from __future__ import annotations
+
+import torch
+
+from rocket_deploy.config import RocketConfig
+
+from .allocate import option_error
+from .candidates import fit_rank
+from .factorize import factorize
+from .profile import LayerOption, Profile, weight_in_out
+
+
+def uniform_choice(profile: Profile, targets: dict[str, torch.nn.Module], config: RocketConfig,
+                   budget: float, method: str) -> dict[str, LayerOption]:
+    """Every layer at the same byte fraction ``1 - budget``.
+
+    ``svd-llm``: dense V (keep = rank), no refit -- the whitened truncated SVD of SVD-LLM.
+    ``rocket-uniform``: ROCKET at that fraction with the best keep ratio of the grid for each layer.
+    """
+    frac = 1.0 - budget
+    out = {}
+    for name, lp in profile.layers.items():
+        ratios = (1.0,) if method == "svd-llm" else config.keep_ratios
+        eb = None
+        best = None
+        for kr in ratios:
+            fit = fit_rank(lp.d_in, lp.d_out, frac * lp.dense_bytes, kr, config.rank_multiple)
+            if fit is None:
+                continue
+            r, k = fit
+            if eb is None:
+                eb = profile.eigenbasis(name, weight_in_out(targets[name]).cpu()).to(torch.float32)
+            f = factorize(eb, r, k, config.importance_lambda, config.oversparsify, config.ridge_rel,
+                          refit=method != "svd-llm")
+            from rocket_deploy.sparse_format import factor_bytes, factor_params
+            opt = LayerOption(r, k, factor_bytes(lp.d_in, lp.d_out, r, k), factor_params(lp.d_in, lp.d_out, r, k),
+                              f.rel_original, f.rel_whitened, f.whitened_sq)
+            if best is None or option_error(opt, lp, config.objective) < option_error(best, lp, config.objective):
+                best = opt
+        if best is None:
+            raise ValueError(f"layer {name} ({lp.d_in}x{lp.d_out}) cannot be compressed to {frac:.2f} of its bytes")
+        out[name] = best
+    return out

@@ -1,0 +1,121 @@
+"""Validated, versioned configuration objects (saved inside every artifact's manifest)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+CONFIG_VERSION = 1
+
+OBJECTIVES = ("rel-original", "rel-whitened", "whitened-energy")
+METHODS = ("rocket", "rocket-uniform", "svd-llm")
+DEFAULT_TARGETS = (
+    # decoders (Llama / Qwen / Mistral / Gemma / Phi-3)
+    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj|dense|fc1|fc2)$",
+    # BERT-style encoders
+    r"(^|\.)attention\.self\.(query|key|value)$", r"(^|\.)attention\.output\.dense$",
+    r"(^|\.)intermediate\.dense$", r"(^|\.)layer\.\d+\.output\.dense$",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the accepted values."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    sources: tuple[str, ...] = ("stdlib",)   # "stdlib" | "pyref" | "licenses" | a .txt / .jsonl path
+    samples: int = 64
+    seq_len: int = 256
+    eval_samples: int = 16
+    heldout_fraction: float = 0.2
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(self.sources))
+        _check(len(self.sources) > 0, "calibration needs at least one text source")
+        _check(self.samples >= 1, f"samples must be >= 1, got {self.samples}")
+        _check(self.seq_len >= 8, f"seq_len must be >= 8, got {self.seq_len}")
+        _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
+        _check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sources"] = list(self.sources)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CalibrationConfig":
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+@dataclasses.dataclass(frozen=True)
+class RocketConfig:
+    """How to compress. ``budget`` is the fraction of the targeted layers' dense fp16 bytes to REMOVE
+    (the paper's compression ratio): 0.3 keeps 70% of those bytes."""
+
+    budget: float = 0.3
+    method: str = "rocket"                       # rocket | rocket-uniform | svd-llm
+    targets: tuple[str, ...] = DEFAULT_TARGETS   # regexes over module names (re.search)
+    exclude: tuple[str, ...] = (r"lm_head$", r"embed", r"pooler", r"classifier")
+    byte_fractions: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    keep_ratios: tuple[float, ...] = (1.0, 2 / 3, 1 / 2, 1 / 3)
+    rank_multiple: int = 8
+    objective: str = "rel-original"
+    cap_alphas: tuple[float, ...] = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0)
+    knapsack_buckets: int = 20000
+    importance_lambda: float = 0.5
+    oversparsify: float = 0.005
+    ridge_rel: float = 1e-3
+    storage_dtype: str = "float16"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        for name in ("targets", "exclude", "byte_fractions", "keep_ratios", "cap_alphas"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check(isinstance(self.budget, (int, float)) and 0 < self.budget < 1,
+               f"budget must be a fraction in (0, 1) of the targeted bytes to remove, got {self.budget}")
+        _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _check(len(self.targets) > 0, "targets needs at least one pattern")
+        _check(len(self.byte_fractions) > 0 and all(0 < f < 1 for f in self.byte_fractions),
+               f"byte_fractions must be in (0, 1), got {self.byte_fractions}")
+        _check(len(self.keep_ratios) > 0 and all(0 < k <= 1 for k in self.keep_ratios),
+               f"keep_ratios must be in (0, 1], got {self.keep_ratios}")
+        _check(self.rank_multiple >= 1, "rank_multiple must be >= 1")
+        _check(self.knapsack_buckets >= 100, "knapsack_buckets must be >= 100")
+        _check(0 <= self.importance_lambda <= 1, "importance_lambda must be in [0, 1]")
+        _check(0 <= self.oversparsify < 0.5, "oversparsify must be in [0, 0.5)")
+        _check(self.ridge_rel > 0, "ridge_rel must be > 0")
+        _check(self.storage_dtype in ("float16", "bfloat16"), "storage_dtype must be float16 or bfloat16")
+        _check(self.version == CONFIG_VERSION, f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
+        import re
+        for p in self.targets + self.exclude:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ConfigError(f"target pattern {p!r} is not a valid regular expression: {e}") from e
+
+    def replace(self, **kw) -> "RocketConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RocketConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown RocketConfig fields {sorted(unknown)}")
+        return cls(**d)

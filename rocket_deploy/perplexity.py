@@ -1,0 +1,38 @@
+"""Quality metrics on held-out token chunks."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, device: str | torch.device = "cpu") -> float:
+    """exp(mean next-token negative log-likelihood) over all predicted positions of ``ids`` ([n, seq])."""
+    model.eval()
+    nll, count = 0.0, 0
+    for i in range(0, ids.shape[0], batch_size):
+        x = ids[i:i + batch_size].to(device)
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
+        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def hidden_state_fidelity(model: torch.nn.Module, reference: torch.nn.Module, ids: torch.Tensor,
+                          batch_size: int = 4) -> dict[str, float]:
+    """For encoders: relative L2 error and mean cosine similarity of ``last_hidden_state`` vs the dense model."""
+    err_num = err_den = 0.0
+    cos_sum, n = 0.0, 0
+    for i in range(0, ids.shape[0], batch_size):
+        x = ids[i:i + batch_size]
+        m = torch.ones_like(x)
+        a = model(input_ids=x, attention_mask=m).last_hidden_state.float()
+        b = reference(input_ids=x, attention_mask=m).last_hidden_state.float()
+        err_num += float((a - b).pow(2).sum())
+        err_den += float(b.pow(2).sum())
+        cos_sum += float(F.cosine_similarity(a, b, dim=-1).sum())
+        n += a.shape[0] * a.shape[1]
+    return {"rel_l2": math.sqrt(err_num / max(err_den, 1e-30)), "cosine": cos_sum / max(n, 1)}

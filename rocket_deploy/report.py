@@ -1,0 +1,49 @@
+"""Tables and plots of an artifact's allocation (matplotlib imported lazily, Agg backend)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+def layer_rows(manifest: dict[str, Any]) -> tuple[list[str], list[list]]:
+    headers = ["layer", "d_in x d_out", "kind", "rank", "keep", "kept bytes", "rel err (orig)", "rel err (whitened)"]
+    rows = []
+    for name, r in manifest["layers"].items():
+        rows.append([name, f"{r['d_in']}x{r['d_out']}", r["kind"], r["rank"], r["keep"],
+                     r["bytes"] / r["dense_bytes"], r["rel_original"], r["rel_whitened"]])
+    return headers, rows
+
+
+def _kind_of(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _block_of(name: str) -> int:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def allocation_plot(manifest: dict[str, Any], path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = manifest["layers"]
+    kinds = sorted({_kind_of(n) for n in layers})
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    for i, kind in enumerate(kinds):
+        names = [n for n in layers if _kind_of(n) == kind]
+        xs = [_block_of(n) + (i - len(kinds) / 2) * 0.1 for n in names]
+        ax1.plot(xs, [layers[n]["bytes"] / layers[n]["dense_bytes"] for n in names], "o-", ms=3, label=kind)
+        ax2.plot(xs, [layers[n]["rel_original"] for n in names], "o-", ms=3, label=kind)
+    b = manifest["budget"]
+    ax1.axhline(1 - b["target_removed_fraction"], color="k", ls="--", lw=0.8, label="uniform")
+    ax1.set_ylabel("kept fraction of bytes")
+    ax2.set_ylabel("relative error (original space)")
+    ax2.set_xlabel("block")
+    ax1.legend(ncol=min(len(kinds) + 1, 8), fontsize=8)
+    ax1.set_title(f"{manifest['method']}: {b['removed_bytes_fraction']:.3f} of targeted bytes removed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

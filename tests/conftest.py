@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    from rocket_deploy.testing import tiny_tokenizer
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tok):
+    """A tiny random Llama saved as a Hugging Face directory (config, weights, tokenizer)."""
+    from rocket_deploy.testing import tiny_llama
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(d)
+    tiny_tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tiny_tok):
+    from rocket_deploy.testing import tiny_bert
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(d)
+    tiny_tok.save_pretrained(d)
+    return str(d)

@@ -1,0 +1,116 @@
+"""Artifact save / load: bit-exact round trip, atomic writes, manifest contents."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rocket_deploy as rd
+from rocket_deploy.artifact import ArtifactError, read_manifest
+from rocket_deploy.compress.pipeline import compress, prepare_calibration, run_profile
+from rocket_deploy.config import CalibrationConfig, RocketConfig
+from rocket_deploy.rocket_linear import RocketLinear
+from rocket_deploy.testing import tiny_llama
+
+CAL = CalibrationConfig(samples=8, seq_len=32, eval_samples=4)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_tok):
+    model = tiny_llama()
+    data = prepare_calibration(tiny_tok, CAL)
+    prof = run_profile(model, tiny_tok, RocketConfig(), CAL, data=data, progress=False)
+    return model, data, prof
+
+
+def test_roundtrip_bit_exact(setup, tiny_tok, tmp_path):
+    model, data, prof = setup
+    res = compress(model, tiny_tok, RocketConfig(budget=0.4), CAL, data=data, profile=prof, progress=False,
+                   out=str(tmp_path / "a"))
+    loaded, tok, manifest = rd.load_artifact(res.path)
+    # every tensor of the saved artifact equals the in-memory compressed model's, bit for bit (fp16 storage)
+    saved = {**load_file(os.path.join(res.path, "factors.safetensors")), **load_file(os.path.join(res.path, "model.safetensors"))}
+    live = res.model.state_dict()
+    for k, t in saved.items():
+        assert torch.equal(t, live[k].to(t.dtype)), k
+    x = data.heldout.ids[:2]
+    assert torch.equal(loaded(x).logits, res.model(x).logits)
+    assert any(isinstance(m, RocketLinear) for m in loaded.modules())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight          # tied weights stay tied
+    out = loaded.generate(x[:1, :8], max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == 13
+    assert tok is not None and tok.chat_template
+
+
+def test_manifest_contents(setup, tiny_tok, tmp_path):
+    model, data, prof = setup
+    res = compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False,
+                   out=str(tmp_path / "b"))
+    m = read_manifest(res.path)
+    assert m["format_version"] == 1 and m["method"] == "rocket"
+    assert RocketConfig.from_dict(m["config"]).budget == 0.3
+    b = m["budget"]
+    assert b["compressed_bytes"] <= 0.7 * b["dense_bytes"] + 1
+    assert b["compressed_bytes"] == sum(r["bytes"] for r in m["layers"].values())
+    assert m["calibration"]["calib_sha256_16"] == data.info["calib_sha256_16"]
+    for r in m["layers"].values():
+        assert r["kind"] in ("rocket", "dense")
+        if r["kind"] == "rocket":
+            assert 0 < r["keep"] <= r["rank"] and r["rel_original"] > 0
+
+
+def test_masks_only_for_sparse_layers(setup, tiny_tok, tmp_path):
+    model, data, prof = setup
+    res = compress(model, tiny_tok, RocketConfig(budget=0.4), CAL, data=data, profile=prof, progress=False,
+                   out=str(tmp_path / "c"))
+    f = load_file(os.path.join(res.path, "factors.safetensors"))
+    for name, r in read_manifest(res.path)["layers"].items():
+        if r["kind"] == "rocket":
+            assert (f"{name}.v_mask" in f) == (r["keep"] < r["rank"])
+            assert f[f"{name}.u"].dtype == torch.float16
+
+
+def test_failed_save_leaves_nothing(setup, tiny_tok, tmp_path, monkeypatch):
+    model, data, prof = setup
+    import rocket_deploy.artifact as art
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(art, "save_file", boom)
+    with pytest.raises(OSError):
+        compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False,
+                 out=str(tmp_path / "d"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(setup, tiny_tok, tmp_path):
+    model, data, prof = setup
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False, out=str(out))
+    compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False, out=str(out),
+             overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "rocket.json").exists()
+
+
+def test_bad_artifacts(tmp_path):
+    with pytest.raises(ArtifactError, match="not a directory"):
+        read_manifest(str(tmp_path / "nope"))
+    with pytest.raises(ArtifactError, match="no rocket.json"):
+        read_manifest(str(tmp_path))
+    (tmp_path / "rocket.json").write_text(json.dumps({"format": "rocket-deploy/artifact", "format_version": 99}))
+    with pytest.raises(ArtifactError, match="newer"):
+        read_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["rocket-uniform", "svd-llm"])
+def test_baselines_at_equal_bytes(setup, tiny_tok, method):
+    model, data, prof = setup
+    res = compress(model, tiny_tok, RocketConfig(budget=0.3, method=method), CAL, data=data, profile=prof, progress=False)
+    b = res.manifest["budget"]
+    assert b["compressed_bytes"] <= 0.7 * b["dense_bytes"]
+    if method == "svd-llm":
+        assert all(r["keep"] == r["rank"] for r in res.manifest["layers"].values() if r["kind"] == "rocket")
