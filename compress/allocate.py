@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -27,6 +28,17 @@ class Allocation:
         return 1.0 - self.total_bytes / self.dense_bytes
 
 
+def resolve_objective(profile: Profile, objective: str) -> str:
+    """``auto`` -> ``fisher`` when the profile measured output sensitivities (causal LMs), else ``rel-original``."""
+    has_sens = os.path.isfile(os.path.join(profile.cache_dir, "sensitivity.safetensors"))
+    if objective == "auto":
+        return "fisher" if has_sens else "rel-original"
+    if objective == "fisher" and not has_sens:
+        raise ValueError("the 'fisher' objective needs output sensitivities, measured for causal LMs only; "
+                         "use --objective rel-original")
+    return objective
+
+
 def option_error(opt: LayerOption, lp: LayerProfile, objective: str) -> float:
     if objective == "rel-original":
         return opt.rel_original
@@ -34,11 +46,13 @@ def option_error(opt: LayerOption, lp: LayerProfile, objective: str) -> float:
         return opt.rel_whitened
     if objective == "whitened-energy":
         return opt.whitened_sq
+    if objective == "fisher":
+        return opt.fisher
     raise ValueError(f"unknown objective {objective!r}")
 
 
 def _dense_option(lp: LayerProfile) -> LayerOption:
-    return LayerOption(0, 0, lp.dense_bytes, lp.dense_params, 0.0, 0.0, 0.0)
+    return LayerOption(0, 0, lp.dense_bytes, lp.dense_params, 0.0, 0.0, 0.0, 0.0)
 
 
 def pareto(options: list[LayerOption], errors: list[float]) -> list[int]:
@@ -63,13 +77,14 @@ def allocate(profile: Profile, config: RocketConfig, budget: float | None = None
     dropped, ``alpha`` the smallest value of ``config.cap_alphas`` that keeps the budget feasible.
     """
     budget = config.budget if budget is None else budget
+    objective = resolve_objective(profile, config.objective)
     names = list(profile.layers)
     cap_bytes = budget_bytes(profile, budget)
     per_opts, per_err = [], []
     for n in names:
         lp = profile.layers[n]
         opts = lp.options + [_dense_option(lp)]
-        errs = [option_error(o, lp, config.objective) for o in opts]
+        errs = [option_error(o, lp, objective) for o in opts]
         idx = pareto(opts, errs)
         per_opts.append([opts[i] for i in idx])
         per_err.append([errs[i] for i in idx])
@@ -102,4 +117,4 @@ def allocate(profile: Profile, config: RocketConfig, budget: float | None = None
             f"need {smallest} bytes ({1 - smallest / profile.dense_bytes:.3f} is the largest feasible budget); "
             "lower --budget or add smaller byte fractions to the grid")
     choice = {n: (None if per_opts[g][o].dense else per_opts[g][o]) for g, (n, o) in enumerate(zip(names, sol.choice))}
-    return Allocation(choice, cap_bytes, sol.bytes, profile.dense_bytes, config.objective, used_alpha, sol.error)
+    return Allocation(choice, cap_bytes, sol.bytes, profile.dense_bytes, objective, used_alpha, sol.error)

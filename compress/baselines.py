@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 
 from rocket_deploy.config import RocketConfig
+from rocket_deploy.sparse_format import factor_bytes, factor_params
 
-from .allocate import option_error
+from .allocate import option_error, resolve_objective
 from .candidates import fit_rank
 from .factorize import factorize
-from .profile import LayerOption, Profile, weight_in_out
+from .profile import LayerOption, Profile, fisher_error, weight_in_out
 
 
 def uniform_choice(profile: Profile, targets: dict[str, torch.nn.Module], config: RocketConfig,
@@ -19,6 +20,7 @@ def uniform_choice(profile: Profile, targets: dict[str, torch.nn.Module], config
     ``rocket-uniform``: ROCKET at that fraction with the best keep ratio of the grid for each layer.
     """
     frac = 1.0 - budget
+    objective = resolve_objective(profile, config.objective)
     out = {}
     for name, lp in profile.layers.items():
         ratios = (1.0,) if method == "svd-llm" else config.keep_ratios
@@ -33,10 +35,10 @@ def uniform_choice(profile: Profile, targets: dict[str, torch.nn.Module], config
                 eb = profile.eigenbasis(name, weight_in_out(targets[name]).cpu()).to(torch.float32)
             f = factorize(eb, r, k, config.importance_lambda, config.oversparsify, config.ridge_rel,
                           refit=method != "svd-llm")
-            from rocket_deploy.sparse_format import factor_bytes, factor_params
             opt = LayerOption(r, k, factor_bytes(lp.d_in, lp.d_out, r, k), factor_params(lp.d_in, lp.d_out, r, k),
-                              f.rel_original, f.rel_whitened, f.whitened_sq)
-            if best is None or option_error(opt, lp, config.objective) < option_error(best, lp, config.objective):
+                              f.rel_original, f.rel_whitened, f.whitened_sq,
+                              fisher_error(f.col_sq, profile.sensitivity(name)))
+            if best is None or option_error(opt, lp, objective) < option_error(best, lp, objective):
                 best = opt
         if best is None:
             raise ValueError(f"layer {name} ({lp.d_in}x{lp.d_out}) cannot be compressed to {frac:.2f} of its bytes")

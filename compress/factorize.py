@@ -107,6 +107,7 @@ class Factorization:
     rel_original: float      # ||W - U V||_F / ||W||_F
     rel_whitened: float      # ||S (W - U V)||_F / ||S W||_F
     whitened_sq: float       # ||S (W - U V)||_F^2 = ||X (W - U V)||_F^2 over the calibration tokens
+    col_sq: torch.Tensor | None = None   # per output column ||S (W - U V)_:,j||^2
 
 
 def factorize(eb: Eigenbasis, rank: int, keep: int, lam: float = 0.5, oversparsify: float = 0.005,
@@ -122,10 +123,12 @@ def factorize(eb: Eigenbasis, rank: int, keep: int, lam: float = 0.5, oversparsi
     else:
         d = ridge_refit(eb.z, v, ridge_rel)
     resid = eb.z - d @ v
-    whitened_sq = float(resid.pow(2).sum())
+    col_sq = resid.pow(2).sum(0)
+    whitened_sq = float(col_sq.sum())
     u = eb.s_inv @ d
     rel_orig = float(torch.linalg.matrix_norm(eb.w - u @ v)) / max(eb.w_norm, 1e-30)
-    return Factorization(u, v, mask, rank, keep, rel_orig, math.sqrt(whitened_sq) / max(eb.z_norm, 1e-30), whitened_sq)
+    return Factorization(u, v, mask, rank, keep, rel_orig, math.sqrt(whitened_sq) / max(eb.z_norm, 1e-30),
+                         whitened_sq, col_sq)
 
 
 def balance_factors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

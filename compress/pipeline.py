@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -22,11 +25,13 @@ from rocket_deploy import __version__
 from rocket_deploy.artifact import save_artifact
 from rocket_deploy.config import CalibrationConfig, RocketConfig
 from rocket_deploy.corpus import CorpusError, TokenSplit, chunk_tokens, fingerprint, load_source, split_documents
+from rocket_deploy.models import is_causal_lm
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.sparse_format import FORMAT_VERSION, factor_bytes, factor_params
 from rocket_deploy.targets import select_targets, set_module
 
-from .allocate import Allocation, allocate
+from .allocate import Allocation, allocate, resolve_objective
+from .sensitivity import output_sensitivity
 from .baselines import uniform_choice
 from .factorize import balance_factors, factorize
 from .profile import LayerOption, Profile, profile_model, weight_in_out
@@ -37,35 +42,59 @@ class CalibrationData:
     calib: TokenSplit
     heldout: TokenSplit
     info: dict[str, Any]
+    extra_files: dict[str, str] = dataclasses.field(default_factory=dict)   # saved into the artifact
 
 
-def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig()) -> CalibrationData:
-    """Read the sources, split documents into disjoint calibration / held-out sets, cut token chunks."""
-    calib_docs, held_docs = [], []
-    counts = {}
-    for src in cal.sources:
-        docs = load_source(src)
+def _shares(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def source_documents(src: str, cal: CalibrationConfig, model, tokenizer, n_calib: int, n_eval: int):
+    """Documents of one calibration source; ``selfgen`` is sampled from ``model`` (cached)."""
+    if src != "selfgen":
+        return load_source(src), {}
+    if model is None:
+        raise CorpusError("the 'selfgen' calibration source samples text from the model; pass the model")
+    from .selfgen import selfgen_documents
+    h = cal.heldout_fraction
+    n_docs = int(math.ceil(max(n_calib / (1 - h), n_eval / h))) + 2
+    docs, path = selfgen_documents(model, tokenizer, n_docs, cal.seq_len, cal.seed)
+    return docs, {"selfgen_cache": path, "selfgen_docs": len(docs)}
+
+
+def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig(), model=None) -> CalibrationData:
+    """Read the sources, split each one's documents into disjoint calibration / held-out sets, and cut token
+    chunks; every source gets an equal share of the samples (a mixed corpus by default)."""
+    n = len(cal.sources)
+    calib_n, eval_n = _shares(cal.samples, n), _shares(cal.eval_samples, n)
+    calib_parts, held_parts, per_source, extra = [], [], {}, {}
+    info: dict[str, Any] = {"config": cal.to_dict()}
+    for i, src in enumerate(cal.sources):
+        docs, meta = source_documents(src, cal, model, tokenizer, calib_n[i], eval_n[i])
         if not docs:
             raise CorpusError(f"calibration source {src!r} gave no text; pass --calib FILE with your own text")
+        info.update(meta)
+        if src == "selfgen":
+            extra["calibration-selfgen.jsonl"] = "".join(
+                json.dumps({"text": d.text, "source": d.source}) + "\n" for d in docs)
         c, h = split_documents(docs, cal.heldout_fraction, cal.seed)
-        calib_docs += c
-        held_docs += h
-        counts[src] = len(docs)
-    # Interleave sources so every chunk window mixes domains in proportion.
-    import random
-    random.Random(cal.seed).shuffle(calib_docs)
-    random.Random(cal.seed + 1).shuffle(held_docs)
-    if not calib_docs:
-        raise CorpusError("the calibration text is empty; pass --calib FILE with at least a few documents")
-    calib = chunk_tokens(tokenizer, calib_docs, cal.seq_len, cal.samples, "calibration")
-    if not held_docs:
-        raise CorpusError("too little text to hold any document out for evaluation; add more documents")
-    held = chunk_tokens(tokenizer, held_docs, cal.seq_len, cal.eval_samples, "heldout")
-    info = {"config": cal.to_dict(), "documents": counts, "calib_samples": int(calib.ids.shape[0]),
-            "calib_tokens": calib.n_tokens, "calib_sha256_16": fingerprint(calib.ids),
-            "heldout_samples": int(held.ids.shape[0]), "heldout_tokens": held.n_tokens,
-            "heldout_sha256_16": fingerprint(held.ids)}
-    return CalibrationData(calib, held, info)
+        random.Random(cal.seed).shuffle(c)
+        if not c:
+            raise CorpusError(f"calibration source {src!r} has too few documents to split; add more text")
+        if calib_n[i]:
+            calib_parts.append(chunk_tokens(tokenizer, c, cal.seq_len, calib_n[i], src))
+        if eval_n[i]:
+            if not h:
+                raise CorpusError(f"too little text in {src!r} to hold any document out for evaluation; add more")
+            held_parts.append(chunk_tokens(tokenizer, h, cal.seq_len, eval_n[i], src))
+        per_source[src] = {"documents": len(docs), "calib_samples": int(calib_parts[-1].ids.shape[0]) if calib_n[i] else 0,
+                           "heldout_samples": int(held_parts[-1].ids.shape[0]) if eval_n[i] else 0}
+    calib = TokenSplit(torch.cat([p.ids for p in calib_parts]), "calibration", sum(p.n_documents for p in calib_parts))
+    held = TokenSplit(torch.cat([p.ids for p in held_parts]), "heldout", sum(p.n_documents for p in held_parts))
+    info.update({"sources": per_source, "calib_samples": int(calib.ids.shape[0]), "calib_tokens": calib.n_tokens,
+                 "calib_sha256_16": fingerprint(calib.ids), "heldout_samples": int(held.ids.shape[0]),
+                 "heldout_tokens": held.n_tokens, "heldout_sha256_16": fingerprint(held.ids)})
+    return CalibrationData(calib, held, info, extra)
 
 
 def _progress_cb(enabled: bool, total: int):
@@ -82,14 +111,17 @@ def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = Rocket
             cache_dir: str | None = None, progress: bool = True, device: str = "cpu") -> Profile:
     """Calibrate and profile every target layer over the (rank, keep) grid. Reuse the result for many budgets."""
     targets = select_targets(model, config.targets, config.exclude)
-    data = data or prepare_calibration(tokenizer, calibration)
+    data = data or prepare_calibration(tokenizer, calibration, model)
     owned = cache_dir is None
     cache_dir = cache_dir or tempfile.mkdtemp(prefix="rocket-profile-")
     cb, bar = _progress_cb(progress, len(targets))
     try:
+        sens = None
+        if is_causal_lm(model):      # one backward pass: enables the "fisher" objective for this profile
+            sens = output_sensitivity(model, targets, data.calib.ids, calibration.batch_size // 2 or 1, device)
         prof = profile_model(model, targets, data.calib.ids, config, cache_dir,
                              batch_size=calibration.batch_size, device=device, progress=cb,
-                             calibration_info=data.info)
+                             calibration_info=data.info, sensitivity=sens)
     except BaseException:
         if owned:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -115,10 +147,10 @@ def choose_layers(profile: Profile, targets, config: RocketConfig) -> tuple[dict
     """Per-layer option for ``config.method`` at ``config.budget`` (None keeps a layer dense)."""
     if config.method == "rocket":
         alloc: Allocation = allocate(profile, config)
-        return alloc.choice, {"allocator": "knapsack", "objective": config.objective, "cap_alpha": alloc.cap_alpha,
+        return alloc.choice, {"allocator": "knapsack", "objective": alloc.objective, "cap_alpha": alloc.cap_alpha,
                               "predicted_error": alloc.predicted_error}
     choice = uniform_choice(profile, targets, config, config.budget, config.method)
-    return choice, {"allocator": "uniform", "objective": config.objective}
+    return choice, {"allocator": "uniform", "objective": resolve_objective(profile, config.objective)}
 
 
 def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, LayerOption | None],
@@ -171,6 +203,30 @@ def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, Laye
     return model, records
 
 
+def heldout_quality(candidate: torch.nn.Module, dense: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Lower is better: perplexity for causal LMs, hidden-state relative error for encoders."""
+    from rocket_deploy.perplexity import hidden_state_fidelity, perplexity
+    if is_causal_lm(candidate):
+        return perplexity(candidate, ids)
+    return hidden_state_fidelity(candidate, dense, ids)["rel_l2"]
+
+
+def safeguarded(model, prof: Profile, targets, choice, config: RocketConfig, data: CalibrationData, progress: bool):
+    """Materialise the knapsack allocation and uniform allocation at the same budget, keep whichever does
+    better on the held-out calibration split (never the evaluation domains)."""
+    uni_choice = uniform_choice(prof, targets, config, config.budget, "rocket-uniform")
+    knap_model, knap_rec = materialize(model, prof, choice, config, progress=progress)
+    uni_model, uni_rec = materialize(model, prof, uni_choice, config, progress=progress)
+    ids = data.heldout.ids
+    q_knap = heldout_quality(knap_model, model, ids)
+    q_uni = heldout_quality(uni_model, model, ids)
+    use_uniform = q_uni < q_knap and sum(r["bytes"] for r in uni_rec.values()) <= prof.dense_bytes * (1 - config.budget)
+    guard = {"metric": "perplexity" if is_causal_lm(model) else "hidden-state rel. L2",
+             "split": "held-out calibration documents", "knapsack": q_knap, "uniform": q_uni,
+             "chosen": "uniform" if use_uniform else "knapsack"}
+    return (uni_model, uni_rec, guard) if use_uniform else (knap_model, knap_rec, guard)
+
+
 def summarize(records: dict[str, dict]) -> dict[str, Any]:
     dense_b = sum(r["dense_bytes"] for r in records.values())
     comp_b = sum(r["bytes"] for r in records.values())
@@ -197,7 +253,11 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
         targets = select_targets(model, config.targets, config.exclude)
         choice, alloc_info = choose_layers(prof, targets, config)
         t2 = time.perf_counter()
-        new_model, records = materialize(model, prof, choice, config, inplace=inplace, progress=progress)
+        if config.method == "rocket" and config.safeguard and data is not None:
+            new_model, records, guard = safeguarded(model, prof, targets, choice, config, data, progress)
+            alloc_info["safeguard"] = guard
+        else:
+            new_model, records = materialize(model, prof, choice, config, inplace=inplace, progress=progress)
         t3 = time.perf_counter()
         manifest = {
             "format_version": FORMAT_VERSION, "method": config.method, "created_by": f"rocket-deploy {__version__}",
@@ -208,7 +268,8 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
                           "allocate": round(t2 - t1, 3), "factorize": round(t3 - t2, 2)},
             "layers": records,
         }
-        path = save_artifact(out, new_model, tokenizer, manifest, overwrite=overwrite) if out else None
+        extra = data.extra_files if data is not None else {}
+        path = save_artifact(out, new_model, tokenizer, manifest, overwrite=overwrite, extra_files=extra) if out else None
         manifest["timings_s"]["total"] = round(time.perf_counter() - t0, 2)
         return CompressionResult(new_model, manifest, prof, path)
     finally:

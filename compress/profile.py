@@ -37,6 +37,7 @@ class LayerOption:
     rel_original: float
     rel_whitened: float
     whitened_sq: float
+    fisher: float = 0.0          # sum_j f_j ||S dW_:,j||^2 with f the output sensitivity (0 when not measured)
 
     @property
     def dense(self) -> bool:
@@ -83,6 +84,14 @@ class Profile:
         return Eigenbasis(w64, z, g["s"].double(), g["s_inv"].double(), basis, coeffs, t["orig_norms"].double(), t["eigvals"].double(),
                           float(torch.linalg.matrix_norm(w64)), float(torch.linalg.matrix_norm(z)))
 
+    def sensitivity(self, name: str) -> torch.Tensor | None:
+        path = os.path.join(self.cache_dir, "sensitivity.safetensors")
+        if not os.path.isfile(path):
+            return None
+        if getattr(self, "_sens", None) is None:
+            self._sens = load_file(path)
+        return self._sens.get(name)
+
     def to_json(self) -> dict:
         return {"version": PROFILE_VERSION, "calibration": self.calibration, "grid": self.grid,
                 "seconds": self.seconds,
@@ -107,6 +116,10 @@ class Profile:
         return cls(layers, cache_dir, d["calibration"], d["grid"], d.get("seconds", 0.0))
 
 
+def fisher_error(col_sq: torch.Tensor, sensitivity: torch.Tensor | None) -> float:
+    return 0.0 if sensitivity is None else float(col_sq.to(torch.float64) @ sensitivity.to(torch.float64))
+
+
 def _fname(name: str) -> str:
     return name.replace("/", "_") + ".safetensors"
 
@@ -117,7 +130,7 @@ def weight_in_out(linear: nn.Linear) -> torch.Tensor:
 
 
 def profile_layer(name: str, w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tensor, config: RocketConfig,
-                  cache_dir: str, group: str) -> tuple[list[LayerOption], float]:
+                  cache_dir: str, group: str, sensitivity: torch.Tensor | None = None) -> tuple[list[LayerOption], float]:
     eb = eigenbasis(w, s, s_inv)
     save_file({"basis": eb.basis.float().contiguous(), "coeffs": eb.coeffs.float().contiguous(),
                "orig_norms": eb.orig_norms.float().contiguous(), "eigvals": eb.eigvals.float().contiguous()},
@@ -128,14 +141,16 @@ def profile_layer(name: str, w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tens
     for cand in candidate_grid(d_in, d_out, config.byte_fractions, config.keep_ratios, config.rank_multiple):
         f = factorize(eb32, cand.rank, cand.keep, config.importance_lambda, config.oversparsify, config.ridge_rel)
         options.append(LayerOption(cand.rank, cand.keep, cand.bytes, cand.params,
-                                   f.rel_original, f.rel_whitened, f.whitened_sq))
+                                   f.rel_original, f.rel_whitened, f.whitened_sq,
+                                   fisher_error(f.col_sq, sensitivity)))
     return options, eb.z_norm ** 2
 
 
 @torch.no_grad()
 def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: torch.Tensor, config: RocketConfig,
                   cache_dir: str, batch_size: int = 8, device: str | torch.device = "cpu",
-                  progress: Callable | None = None, calibration_info: dict | None = None) -> Profile:
+                  progress: Callable | None = None, calibration_info: dict | None = None,
+                  sensitivity: dict[str, torch.Tensor] | None = None) -> Profile:
     """Calibrate block by block and profile every target layer. ``calib_ids`` is ``[n, seq]`` token ids."""
     t0 = time.perf_counter()
     os.makedirs(cache_dir, exist_ok=True)
@@ -166,7 +181,8 @@ def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: to
             gname = acc.group_of[name]
             s, s_inv, jitter = factors[gname]
             w = weight_in_out(mod).cpu()
-            options, z_sq = profile_layer(name, w, s, s_inv, config, cache_dir, gname)
+            options, z_sq = profile_layer(name, w, s, s_inv, config, cache_dir, gname,
+                                          sensitivity.get(name) if sensitivity else None)
             layers[name] = LayerProfile(name, w.shape[0], w.shape[1], mod.bias is not None,
                                         dense_weight_bytes(*w.shape), gname, jitter, z_sq, options)
             if progress:
@@ -176,6 +192,8 @@ def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: to
     grid = {"byte_fractions": list(config.byte_fractions), "keep_ratios": list(config.keep_ratios),
             "rank_multiple": config.rank_multiple, "importance_lambda": config.importance_lambda,
             "oversparsify": config.oversparsify, "ridge_rel": config.ridge_rel}
+    if sensitivity:
+        save_file({k: v.contiguous() for k, v in sensitivity.items()}, os.path.join(cache_dir, "sensitivity.safetensors"))
     prof = Profile(layers, cache_dir, calibration_info or {}, grid, time.perf_counter() - t0)
     prof.save()
     return prof

@@ -87,7 +87,7 @@ def split_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> tuple[dic
 
 
 def save_artifact(out_dir: str, model: torch.nn.Module, tokenizer, manifest: dict[str, Any],
-                  overwrite: bool = False) -> str:
+                  overwrite: bool = False, extra_files: dict[str, str] | None = None) -> str:
     storage = _dtype(manifest.get("storage_dtype", "float16"))
     factors, untouched, tied = split_state(model, storage)
     manifest = dict(manifest, format=FORMAT_NAME, format_version=FORMAT_VERSION, tied=tied,
@@ -101,6 +101,9 @@ def save_artifact(out_dir: str, model: torch.nn.Module, tokenizer, manifest: dic
             tokenizer.save_pretrained(tmp)
         save_file(factors, os.path.join(tmp, FACTORS), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
         save_file(untouched, os.path.join(tmp, UNTOUCHED), metadata={"format": FORMAT_NAME})
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
     return os.path.abspath(out_dir)

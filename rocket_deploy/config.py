@@ -6,7 +6,7 @@ from typing import Any
 
 CONFIG_VERSION = 1
 
-OBJECTIVES = ("rel-original", "rel-whitened", "whitened-energy")
+OBJECTIVES = ("auto", "fisher", "rel-original", "rel-whitened", "whitened-energy")
 METHODS = ("rocket", "rocket-uniform", "svd-llm")
 DEFAULT_TARGETS = (
     # decoders (Llama / Qwen / Mistral / Gemma / Phi-3)
@@ -67,13 +67,14 @@ class RocketConfig:
     byte_fractions: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     keep_ratios: tuple[float, ...] = (1.0, 2 / 3, 1 / 2, 1 / 3)
     rank_multiple: int = 8
-    objective: str = "rel-original"
+    objective: str = "auto"                      # auto: fisher for causal LMs, rel-original for encoders
     cap_alphas: tuple[float, ...] = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0)
     knapsack_buckets: int = 20000
     importance_lambda: float = 0.5
     oversparsify: float = 0.005
     ridge_rel: float = 1e-3
     storage_dtype: str = "float16"
+    safeguard: bool = True                       # keep uniform allocation if it beats the knapsack on held-out text
     version: int = CONFIG_VERSION
 
     def __post_init__(self):

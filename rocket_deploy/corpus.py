@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-BUILTIN_SOURCES = ("stdlib", "pyref", "licenses")
+BUILTIN_SOURCES = ("stdlib", "pyref", "licenses", "pkgdocs", "selfgen")
 _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "__hello__",
                  "__phello__", "lib2to3", "ensurepip", "venv", "pydoc", "webbrowser", "xxsubtype", "msvcrt",
                  "winreg", "winsound", "_winapi", "nt", "tty", "pty", "curses", "readline", "sqlite3.test"}
@@ -134,6 +134,25 @@ def installed_licenses() -> list[Document]:
     return docs
 
 
+def package_docs() -> list[Document]:
+    """Long descriptions (READMEs) of the installed Python packages, from their ``*.dist-info/METADATA``."""
+    docs, seen = [], set()
+    for site in sys.path:
+        for meta in sorted(glob.glob(os.path.join(site, "*.dist-info", "METADATA"))) if os.path.isdir(site) else []:
+            try:
+                with open(meta, encoding="utf-8") as f:
+                    raw = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            body = raw.split("\n\n", 1)[1] if "\n\n" in raw else ""
+            for i, part in enumerate(p for p in body.split("\n\n\n") if p.strip()):
+                text = _clean(part, 400)
+                if text and text not in seen:
+                    seen.add(text)
+                    docs.append(Document(text[:20000], "pkgdocs", f"{meta}#{i}"))
+    return docs
+
+
 def read_text_file(path: str) -> list[Document]:
     """A ``.txt`` file (blank-line separated documents) or ``.jsonl`` with a ``text`` field per line."""
     if not os.path.isfile(path):
@@ -172,6 +191,10 @@ def load_source(source: str) -> list[Document]:
         return python_reference_topics()
     if source == "licenses":
         return installed_licenses()
+    if source == "pkgdocs":
+        return package_docs()
+    if source == "selfgen":
+        raise CorpusError("the 'selfgen' source is sampled from the model; it is built by the compression pipeline")
     return read_text_file(source)
 
 

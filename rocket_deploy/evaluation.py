@@ -11,10 +11,22 @@ from .corpus import CorpusError, TokenSplit, chunk_tokens, load_source, split_do
 from .perplexity import hidden_state_fidelity, perplexity
 
 
+SELFGEN_EVAL_SEED_OFFSET = 7919
+
+
 def heldout_split(tokenizer, cal: CalibrationConfig, domain: str, samples: int | None = None,
-                  seq_len: int | None = None) -> TokenSplit:
+                  seq_len: int | None = None, model=None) -> TokenSplit:
     """Token chunks of ``domain`` that calibration never saw: the held-out documents when the domain was a
-    calibration source (same seed, same split), else all of its documents."""
+    calibration source (same seed, same split), else all of its documents. ``selfgen`` is sampled afresh from
+    the (dense) ``model`` with a seed calibration never uses."""
+    if domain == "selfgen":
+        if model is None:
+            raise CorpusError("the 'selfgen' evaluation domain samples text from the dense model; pass it")
+        from .compress.selfgen import selfgen_documents
+        n = samples or cal.eval_samples
+        docs, _ = selfgen_documents(model, tokenizer, n + 2, seq_len or cal.seq_len,
+                                    cal.seed + SELFGEN_EVAL_SEED_OFFSET)
+        return chunk_tokens(tokenizer, docs, seq_len or cal.seq_len, n, domain)
     docs = load_source(domain)
     if not docs:
         raise CorpusError(f"evaluation domain {domain!r} has no text on this machine")

@@ -15,7 +15,7 @@ def run(args, **kw):
 
 
 def last_json(output):
-    return json.loads(output.strip().splitlines()[-1])
+    return json.loads(getattr(output, "stdout", output).strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def llama_artifact(tiny_llama_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cli") / "llama-0.3")
     r = run(["compress", tiny_llama_dir, "--budget", "0.3", "--out", out, *FAST])
     assert r.exit_code == 0, r.output
-    return out, last_json(r.output)
+    return out, last_json(r)
 
 
 def test_compress_llama(llama_artifact):
@@ -46,7 +46,7 @@ def test_eval(llama_artifact, tiny_llama_dir):
     out, _ = llama_artifact
     r = run(["eval", out, "--domains", "stdlib", "--samples", "2", "--seq-len", "32"])
     assert r.exit_code == 0, r.output
-    res = last_json(r.output)["domains"]["stdlib"]
+    res = last_json(r)["domains"]["stdlib"]
     assert res["dense"] > 1 and res["compressed"] > 1
 
 

@@ -31,8 +31,8 @@ def calibration_options(f):
         click.option("--exclude", multiple=True, metavar="REGEX", help="Layer-name patterns to leave dense."),
         click.option("--byte-fractions", callback=_floats, default=None, help="Profiled byte fractions, e.g. 0.2,0.4,0.6,0.8."),
         click.option("--keep-ratios", callback=_floats, default=None, help="Profiled keep-per-column ratios k/r, e.g. 1,0.5."),
-        click.option("--objective", type=click.Choice(["rel-original", "rel-whitened", "whitened-energy"]), default=None,
-                     help="Per-layer error the knapsack minimises."),
+        click.option("--objective", type=click.Choice(["auto", "fisher", "rel-original", "rel-whitened", "whitened-energy"]),
+                     default=None, help="Per-layer error the knapsack minimises (default auto: fisher for causal LMs)."),
         click.option("--profile-dir", type=click.Path(file_okay=False), default=None,
                      help="Keep the profile here and reuse it on later runs with the same calibration."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
@@ -101,7 +101,7 @@ def compress(model, budget, out, method, overwrite, as_json, calib, calib_sample
         from ..targets import select_targets
         lm = load_model(model)
         select_targets(lm.model, config.targets, config.exclude)     # fail fast on bad patterns
-        data = prepare_calibration(lm.tokenizer, cal)
+        data = prepare_calibration(lm.tokenizer, cal, lm.model)
         prof = get_profile(lm.model, lm.tokenizer, config, cal, data, profile_dir, quiet)
         try:
             res = run_compress(lm.model, lm.tokenizer, config, cal, out=out, overwrite=overwrite, profile=prof,

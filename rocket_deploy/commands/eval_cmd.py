@@ -29,7 +29,8 @@ def eval_(artifact, dense_spec, domains, samples, seq_len, as_json):
             raise click.BadParameter("the artifact does not record its source model; pass --dense MODEL")
         dense = load_model(spec)
         cal = CalibrationConfig.from_dict(manifest["calibration"]["config"])
-        splits = [heldout_split(tokenizer, cal, d.strip(), samples, seq_len) for d in domains.split(",") if d.strip()]
+        splits = [heldout_split(tokenizer, cal, d.strip(), samples, seq_len, dense.model)
+                  for d in domains.split(",") if d.strip()]
         causal = is_causal_lm(model)
         results = compare(model, dense.model, splits, causal=causal)
     metric = "perplexity" if causal else "hidden-state rel. L2 error"

@@ -1,0 +1,41 @@
+# Fresh machine:  make demo   (set up, compress the embedded SmolLM2-135M at budget 0.3, evaluate, inspect)
+#                 make test   (set up, run the test suite; what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+RD := $(VENV)/bin/rocket-deploy
+OUT ?= out
+
+.PHONY: setup test test-fast demo plugin trt-headers bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(RD) compress smollm2-135m --budget 0.3 --out $(OUT)/smollm2-0.3 --overwrite
+	$(RD) inspect $(OUT)/smollm2-0.3 --plot $(OUT)/smollm2-0.3-allocation.png
+	$(RD) eval $(OUT)/smollm2-0.3 --domains stdlib,pyref,licenses
+
+trt-headers:
+	bash plugins_trt/fetch_trt_headers.sh
+
+plugin: trt-headers
+	cmake -S plugins_trt -B plugins_trt/build -DROCKET_HEADERS_ONLY=ON -DTensorRT_INCLUDE_DIR=$(CURDIR)/third_party/tensorrt/include
+	cmake --build plugins_trt/build -j2
+
+bench: setup
+	$(PY) bench/bench_compression.py
+
+clean:
+	rm -rf $(OUT) plugins_trt/build build *.egg-info
