@@ -65,11 +65,17 @@ def source_documents(src: str, cal: CalibrationConfig, model, tokenizer, n_calib
 def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig(), model=None) -> CalibrationData:
     """Read the sources, split each one's documents into disjoint calibration / held-out sets, and cut token
     chunks; every source gets an equal share of the samples (a mixed corpus by default)."""
-    n = len(cal.sources)
+    sources = list(cal.sources)
+    info: dict[str, Any] = {"config": cal.to_dict()}
+    if "selfgen" in sources and model is not None and not is_causal_lm(model):
+        sources.remove("selfgen")                       # an encoder cannot sample text
+        info["skipped_sources"] = {"selfgen": "the model is not a causal LM and cannot generate text"}
+        if not sources:
+            raise CorpusError("'selfgen' needs a causal LM; pass --calib with text for this encoder")
+    n = len(sources)
     calib_n, eval_n = _shares(cal.samples, n), _shares(cal.eval_samples, n)
     calib_parts, held_parts, per_source, extra = [], [], {}, {}
-    info: dict[str, Any] = {"config": cal.to_dict()}
-    for i, src in enumerate(cal.sources):
+    for i, src in enumerate(sources):
         docs, meta = source_documents(src, cal, model, tokenizer, calib_n[i], eval_n[i])
         if not docs:
             raise CorpusError(f"calibration source {src!r} gave no text; pass --calib FILE with your own text")

@@ -17,6 +17,9 @@ DEFAULT_TARGETS = (
 )
 
 
+DEFAULT_SOURCES = ("stdlib", "pyref", "licenses", "selfgen")
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field and the accepted values."""
 
@@ -28,7 +31,9 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
-    sources: tuple[str, ...] = ("stdlib",)   # "stdlib" | "pyref" | "licenses" | a .txt / .jsonl path
+    # Built-in sources: stdlib | pyref | licenses | pkgdocs | selfgen (sampled from the model), or .txt / .jsonl
+    # paths. The default mixes installed technical text, legal prose and the model's own text (docs/benchmarks.md).
+    sources: tuple[str, ...] = DEFAULT_SOURCES
     samples: int = 64
     seq_len: int = 256
     eval_samples: int = 16

@@ -211,9 +211,13 @@ class TokenSplit:
 
 
 def split_documents(docs: Sequence[Document], heldout_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Shuffle (seeded) and cut the documents into disjoint (calibration, held-out) lists."""
+    """Shuffle (seeded) and cut the documents into disjoint (calibration, held-out) lists.
+
+    Exact duplicate texts are dropped first, so no held-out text can also appear in calibration."""
     if not 0 < heldout_fraction < 1:
         raise ValueError("heldout_fraction must be in (0, 1)")
+    seen: set[str] = set()
+    docs = [d for d in docs if not (d.text in seen or seen.add(d.text))]
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_held = max(1, int(round(len(docs) * heldout_fraction))) if len(docs) > 1 else 0

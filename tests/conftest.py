@@ -6,6 +6,18 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Model-sampled calibration text is cached under ROCKET_CACHE; keep tests out of the user's cache."""
+    old = os.environ.get("ROCKET_CACHE")
+    os.environ["ROCKET_CACHE"] = str(tmp_path_factory.mktemp("rocket-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ROCKET_CACHE", None)
+    else:
+        os.environ["ROCKET_CACHE"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
     for item in items:

@@ -19,7 +19,7 @@ CAL = CalibrationConfig(samples=8, seq_len=32, eval_samples=4)
 @pytest.fixture(scope="module")
 def setup(tiny_tok):
     model = tiny_llama()
-    data = prepare_calibration(tiny_tok, CAL)
+    data = prepare_calibration(tiny_tok, CAL, model)
     prof = run_profile(model, tiny_tok, RocketConfig(), CAL, data=data, progress=False)
     return model, data, prof
 
@@ -54,6 +54,11 @@ def test_manifest_contents(setup, tiny_tok, tmp_path):
     assert b["compressed_bytes"] <= 0.7 * b["dense_bytes"] + 1
     assert b["compressed_bytes"] == sum(r["bytes"] for r in m["layers"].values())
     assert m["calibration"]["calib_sha256_16"] == data.info["calib_sha256_16"]
+    assert set(m["calibration"]["sources"]) == {"stdlib", "pyref", "licenses", "selfgen"}
+    assert m["calibration"]["selfgen_docs"] > 0
+    assert os.path.getsize(os.path.join(res.path, "calibration-selfgen.jsonl")) > 0   # model text saved beside
+    assert m["allocation"]["objective"] == "fisher"
+    assert m["allocation"]["safeguard"]["chosen"] in ("knapsack", "uniform")
     for r in m["layers"].values():
         assert r["kind"] in ("rocket", "dense")
         if r["kind"] == "rocket":

@@ -21,8 +21,9 @@ def calibration_options(f):
     """Options shared by commands that calibrate (compress, sweep)."""
     opts = [
         click.option("--calib", "calib", multiple=True, metavar="SOURCE",
-                     help="Calibration text: a .txt / .jsonl file, or a built-in source (stdlib, pyref, licenses). "
-                          "Repeat to mix. Default: stdlib."),
+                     help="Calibration text: a .txt / .jsonl file, or a built-in source (stdlib, pyref, licenses, "
+                          "pkgdocs, selfgen = sampled from the model). Repeat to mix; given sources replace the "
+                          "default mix stdlib+pyref+licenses+selfgen."),
         click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1), help="Calibration sequences."),
         click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8), help="Tokens per sequence."),
         click.option("--eval-samples", default=16, show_default=True, type=click.IntRange(1), help="Held-out sequences."),
@@ -56,7 +57,8 @@ def build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, s
         kw["keep_ratios"] = keep_ratios
     if objective:
         kw["objective"] = objective
-    cal = CalibrationConfig(sources=calib or ("stdlib",), samples=calib_samples, seq_len=seq_len,
+    from ..config import DEFAULT_SOURCES
+    cal = CalibrationConfig(sources=calib or DEFAULT_SOURCES, samples=calib_samples, seq_len=seq_len,
                             eval_samples=eval_samples, seed=seed)
     return RocketConfig(**kw), cal
 
