@@ -16,6 +16,7 @@ import random
 import shutil
 import tempfile
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -135,6 +136,8 @@ def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = Rocket
     finally:
         bar.close()
     prof.owned = owned
+    if owned:       # a temporary cache lives as long as the Profile object
+        weakref.finalize(prof, shutil.rmtree, cache_dir, True)
     return prof
 
 

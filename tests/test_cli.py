@@ -136,3 +136,14 @@ def test_existing_output(tiny_llama_dir, tmp_path):
 def test_eval_not_an_artifact(tmp_path):
     r = CliRunner().invoke(main, ["eval", str(tmp_path)])
     assert r.exit_code == 2 and "not a rocket-deploy artifact" in r.output
+
+
+def test_cli_reference_is_current():
+    """docs/cli.md is regenerated from the commands' help (python tools/gen_cli_docs.py)."""
+    import importlib.util
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", os.path.join(root, "tools", "gen_cli_docs.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with open(os.path.join(root, "docs", "cli.md")) as f:
+        assert f.read() == mod.render(), "docs/cli.md is stale: run python tools/gen_cli_docs.py"
