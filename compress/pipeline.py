@@ -256,6 +256,8 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
     t0 = time.perf_counter()
     if out is not None and os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if data is None and profile is None:
+        data = prepare_calibration(tokenizer, calibration, model)
     prof = profile or run_profile(model, tokenizer, config, calibration, data=data, progress=progress, device=device)
     try:
         t1 = time.perf_counter()

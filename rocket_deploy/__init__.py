@@ -3,8 +3,8 @@
 Public API (imported lazily so ``import rocket_deploy`` stays light)::
 
     import rocket_deploy as rd
-    model, tok = rd.load_model("smollm2-135m")
-    result = rd.compress(model, tok, rd.RocketConfig(budget=0.3), out="smol-0.3")
+    lm = rd.load_model("smollm2-135m")
+    result = rd.compress_model(lm.model, lm.tokenizer, rd.RocketConfig(budget=0.3), out="smol-0.3")
     model2 = rd.load("smol-0.3")
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ _LAZY = {
     "load": ("rocket_deploy.artifact", "load"),
     "load_artifact": ("rocket_deploy.artifact", "load_artifact"),
     "load_model": ("rocket_deploy.models", "load_model"),
-    "compress": ("rocket_deploy.compress.pipeline", "compress"),
+    "compress_model": ("rocket_deploy.compress.pipeline", "compress"),
+    "prepare_calibration": ("rocket_deploy.compress.pipeline", "prepare_calibration"),
     "profile": ("rocket_deploy.compress.pipeline", "profile"),
     "open_engine": ("rocket_deploy.runtime.engine", "open_engine"),
 }

@@ -119,3 +119,13 @@ def test_baselines_at_equal_bytes(setup, tiny_tok, method):
     assert b["compressed_bytes"] <= 0.7 * b["dense_bytes"]
     if method == "svd-llm":
         assert all(r["keep"] == r["rank"] for r in res.manifest["layers"].values() if r["kind"] == "rocket")
+
+
+def test_public_api_one_call(tiny_tok, tmp_path):
+    """rd.compress_model(model, tokenizer, config, out=...) does calibration, profile, safeguard and save in one call."""
+    model = tiny_llama(seed=3)
+    res = rd.compress_model(model, tiny_tok, RocketConfig(budget=0.3), CAL, out=str(tmp_path / "one"), progress=False)
+    m = read_manifest(res.path)
+    assert m["allocation"]["safeguard"]["chosen"] in ("knapsack", "uniform")
+    assert os.path.isfile(os.path.join(res.path, "calibration-selfgen.jsonl"))
+    assert isinstance(rd.load(res.path), torch.nn.Module)

@@ -1,0 +1,58 @@
+"""``rocket-deploy bench PATH --backend ort|torch|trt --batch 1,4 --prompt-len 128 --gen-len 64``."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from ._common import echo_json_line, format_table, friendly_errors
+
+
+def _ints(ctx, param, value):
+    try:
+        vals = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
+    if not vals or min(vals) < 1:
+        raise click.BadParameter(f"batch sizes must be integers >= 1, got {value!r}")
+    return vals
+
+
+@click.command("bench")
+@click.argument("path", type=click.Path())
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default=None,
+              help="Default: from PATH (artifact dir -> torch, .onnx or export dir -> ort, .plan -> trt).")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_ints, help="Comma-separated batch sizes.")
+@click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True, help="Prompt tokens (random ids).")
+@click.option("--gen-len", type=click.IntRange(1), default=64, show_default=True, help="Generated tokens per sequence.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed generations per batch size.")
+@click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed generations per batch size.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ORT intra-op threads (default: ORT's choice).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON line.")
+def bench(path, backend, batches, prompt_len, gen_len, warmup, runs, threads, as_json):
+    """Latency and throughput of PATH: an artifact directory, an exported .onnx (or its folder), or a .plan."""
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path!r} does not exist; pass an artifact directory, a .onnx file or a .plan",
+                                 param_hint="PATH")
+    with friendly_errors():
+        from ..runtime.bench import BenchConfig, bench_engine, open_for_bench
+        if backend is None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.onnx")) \
+                and not os.path.isfile(os.path.join(path, "rocket.json")):
+            backend = "ort"
+        try:
+            engine = open_for_bench(path, backend, threads=threads)
+        except (ValueError, FileNotFoundError) as e:
+            raise click.BadParameter(str(e), param_hint="PATH") from e
+        cfg = BenchConfig(batches=batches, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, runs=runs)
+        res = bench_engine(engine, cfg)
+    if not as_json:
+        click.echo(f"{path} [{res['backend']}]  model {res['model_bytes'] / 1e6:.1f} MB  peak RSS "
+                   f"{res['peak_rss_bytes'] / 1e6:.0f} MB" + (f"  GPU peak {res['gpu_peak_bytes'] / 1e6:.0f} MB"
+                                                            if res.get("gpu_peak_bytes") else ""))
+        hdr = ["batch", "min ms", "mean ms", "median ms", "p90 ms", "p99 ms", "prefill ms",
+               "decode tok/s" if res["is_decoder"] else "tok/s"]
+        rows = [[r["batch"], r["latency_ms_min"], r["latency_ms_mean"], r["latency_ms_median"], r["latency_ms_p90"],
+                 r["latency_ms_p99"], r["prefill_ms_median"],
+                 r["decode_tokens_per_s"] if res["is_decoder"] else r["tokens_per_s"]] for r in res["rows"]]
+        click.echo(format_table(hdr, rows))
+    echo_json_line({"path": path, **res})

@@ -1,0 +1,74 @@
+"""``rocket-deploy export DIR --out OUT [--target ort|trt] [--dtype fp32|fp16]``."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from ._common import echo_json_line, format_table, friendly_errors
+
+
+@click.command("export")
+@click.argument("source", type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(), help="Output directory (gets model.onnx, tokenizer, export.json).")
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="ort: standard ONNX ops only (any ONNX Runtime). trt: the sparse V product as one "
+                   "rocket.RocketSparseVMatMul node for the TensorRT plugin (see docs/export.md).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Compute dtype carried in the graph (fp16 graphs are strongly typed for TensorRT).")
+@click.option("--dense", is_flag=True, help="SOURCE is a dense model (HF directory, .gguf or smollm2-135m), not an artifact.")
+@click.option("--external-data", is_flag=True, help="Always write weights to model.onnx.data (automatic above ~1.5 GB).")
+@click.option("--merge", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
+              help="ort target: multiply U V into one weight at session start for layers where that moves fewer "
+                   "bytes per token (auto), for none, or for all.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch comparison.")
+@click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
+              help="Also write a Triton model repository here (DIR/<name>/config.pbtxt, DIR/<name>/1/model.*).")
+@click.option("--triton-name", default=None, help="Model name in the Triton repository (default: the --out folder name).")
+@click.option("--overwrite", is_flag=True, help="Replace --out (and the Triton model folder) if they exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
+def export(source, out, target, dtype, dense, external_data, merge, no_validate, triton_repo, triton_name,
+           overwrite, as_json):
+    """Export SOURCE (a ROCKET artifact directory) to ONNX at --out/model.onnx and validate it against torch."""
+    if os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} already exists; choose another --out or pass --overwrite")
+    with friendly_errors():
+        from ..artifact import read_manifest
+        from ..export import export_artifact, export_model
+        from ..export.validate import ValidationShapeError, format_report
+        kw = dict(target=target, dtype=dtype, external_data=True if external_data else None, merge=merge,
+                  validate=not no_validate, overwrite=overwrite)
+        try:
+            if dense:
+                from ..models import load_model
+                lm = load_model(source)
+                res = export_model(lm.model, out, tokenizer=lm.tokenizer, extra_info={"source": lm.source}, **kw)
+            else:
+                read_manifest(source)           # "not an artifact" -> a click error naming the fix
+                res = export_artifact(source, out, **kw)
+        except ValidationShapeError as e:
+            raise click.ClickException(f"export validation: {e}") from e
+        model_dir = None
+        if triton_repo:
+            from ..export.triton import write_triton_repo
+            model_dir = write_triton_repo(triton_repo, res.path, name=triton_name or os.path.basename(os.path.abspath(out)),
+                                          backend="tensorrt" if target == "trt" else "onnxruntime", overwrite=overwrite)
+    v = res.validation
+    if not as_json:
+        rows = [["file", res.path], ["target", target], ["dtype", dtype], ["bytes", res.file_bytes],
+                ["rocket layers", res.stats["rocket_layers"]], ["seconds", res.seconds]]
+        if "lowering" in res.stats:
+            lw = res.stats["lowering"]
+            rows.append(["lowering", f"{lw['dense_v']} dense-V, {lw['sparse_v']} packed-V, {lw['merged']} merged"])
+        if model_dir:
+            rows.append(["triton model", model_dir])
+        click.echo(format_table(["field", "value"], rows))
+        if v is not None:
+            click.echo(format_report(v))
+    if v is not None and not v["passed"]:
+        click.secho("WARNING: the exported graph does NOT match torch within tolerance (see the table above); "
+                    "check the model before deploying it.", fg="red", bold=True, err=True)
+    echo_json_line({"out": res.path, "target": target, "dtype": dtype, "bytes": res.file_bytes,
+                    "validated": v is not None, "passed": None if v is None else v["passed"],
+                    "max_rel": None if v is None else max(o["max_rel"] for s in v["steps"] for o in s["outputs"]),
+                    "triton_model": model_dir, "seconds": res.seconds})
