@@ -52,6 +52,8 @@ def option_error(opt: LayerOption, lp: LayerProfile, objective: str) -> float:
 
 
 def _dense_option(lp: LayerProfile) -> LayerOption:
+    if getattr(lp, "dense_option", None) is not None:     # --quantize: the dense weight quantized, error measured
+        return lp.dense_option
     return LayerOption(0, 0, lp.dense_bytes, lp.dense_params, 0.0, 0.0, 0.0, 0.0)
 
 

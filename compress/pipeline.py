@@ -27,8 +27,9 @@ from rocket_deploy.artifact import save_artifact
 from rocket_deploy.config import CalibrationConfig, RocketConfig
 from rocket_deploy.corpus import CorpusError, TokenSplit, chunk_tokens, fingerprint, load_source, split_documents
 from rocket_deploy.models import is_causal_lm
+from rocket_deploy.quant_linear import QUANT_MODULES
 from rocket_deploy.rocket_linear import RocketLinear
-from rocket_deploy.sparse_format import FORMAT_VERSION, factor_bytes, factor_params
+from rocket_deploy.sparse_format import artifact_format_version, factor_bytes, factor_params
 from rocket_deploy.targets import select_targets, set_module
 
 from .allocate import Allocation, allocate, resolve_objective
@@ -179,6 +180,12 @@ def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, Laye
         opt = choice.get(name)
         rec = {"d_in": lp.d_in, "d_out": lp.d_out, "has_bias": lp.has_bias, "dense_bytes": lp.dense_bytes,
                "dense_params": lp.dense_params, "group": lp.group, "jitter": lp.jitter}
+        if config.quantize:     # quantized factors, or the dense weight quantized (docs/quantization.md)
+            from .quant_pipeline import materialize_quant_layer
+            eb = profile.eigenbasis(name, weight_in_out(lin).cpu())
+            rec.update(materialize_quant_layer(model, name, lin, eb, opt, config))
+            records[name] = rec
+            continue
         if opt is None:
             rec.update(kind="dense", rank=None, keep=None, bytes=lp.dense_bytes, params=lp.dense_params,
                        rel_original=0.0, rel_whitened=0.0, whitened_sq=0.0)
@@ -205,7 +212,7 @@ def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, Laye
                        whitened_sq=float((s @ dw).pow(2).sum()))
         records[name] = rec
     with torch.no_grad():
-        rocket_names = {n for n, m in model.named_modules() if isinstance(m, RocketLinear)}
+        rocket_names = {n for n, m in model.named_modules() if isinstance(m, (RocketLinear, *QUANT_MODULES))}
         for key, t in model.state_dict(keep_vars=True).items():   # persistent tensors only, as saved
             if t.is_floating_point() and key.rpartition(".")[0] not in rocket_names:
                 t.data.copy_(t.data.to(storage).to(t.dtype))
@@ -259,6 +266,9 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
     if data is None and profile is None:
         data = prepare_calibration(tokenizer, calibration, model)
     prof = profile or run_profile(model, tokenizer, config, calibration, data=data, progress=progress, device=device)
+    if config.method != "dense-quant" and prof.grid.get("quantize") != config.quantize:
+        raise ValueError(f"the profile was made with quantize={prof.grid.get('quantize')!r} but the config asks for "
+                         f"quantize={config.quantize!r}; profile again with the same quantize setting")
     try:
         t1 = time.perf_counter()
         targets = select_targets(model, config.targets, config.exclude)
@@ -271,7 +281,7 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
             new_model, records = materialize(model, prof, choice, config, inplace=inplace, progress=progress)
         t3 = time.perf_counter()
         manifest = {
-            "format_version": FORMAT_VERSION, "method": config.method, "created_by": f"rocket-deploy {__version__}",
+            "format_version": artifact_format_version(bool(config.quantize)), "method": config.method, "created_by": f"rocket-deploy {__version__}",
             "storage_dtype": config.storage_dtype, "config": config.to_dict(),
             "budget": {"target_removed_fraction": config.budget, **summarize(records)},
             "allocation": alloc_info, "calibration": prof.calibration, "source": source or {},

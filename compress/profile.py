@@ -55,6 +55,7 @@ class LayerProfile:
     jitter: float
     z_sq: float                     # ||S W||_F^2 (output energy over the calibration tokens)
     options: list[LayerOption]
+    dense_option: LayerOption | None = None   # --quantize: the dense weight quantized (rank 0, measured error)
 
     @property
     def dense_params(self) -> int:
@@ -112,6 +113,8 @@ class Profile:
         layers = {}
         for n, lp in d["layers"].items():
             lp["options"] = [LayerOption(**o) for o in lp["options"]]
+            if lp.get("dense_option") is not None:
+                lp["dense_option"] = LayerOption(**lp["dense_option"])
             layers[n] = LayerProfile(**lp)
         return cls(layers, cache_dir, d["calibration"], d["grid"], d.get("seconds", 0.0))
 
@@ -138,8 +141,16 @@ def profile_layer(name: str, w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tens
     eb32 = eb.to(torch.float32)
     d_in, d_out = w.shape
     options = []
-    for cand in candidate_grid(d_in, d_out, config.byte_fractions, config.keep_ratios, config.rank_multiple):
+    fractions, bfn = config.byte_fractions, None
+    if config.quantize:     # quantized sizes and errors: the knapsack allocates for the quantized model
+        from .quant_pipeline import quant_bytes_fn, quant_fractions, quantized_option
+        fractions, bfn = quant_fractions(config, d_in, d_out), quant_bytes_fn(config)
+    for cand in candidate_grid(d_in, d_out, fractions, config.keep_ratios, config.rank_multiple,
+                               **({"bytes_fn": bfn} if bfn else {})):
         f = factorize(eb32, cand.rank, cand.keep, config.importance_lambda, config.oversparsify, config.ridge_rel)
+        if config.quantize:
+            options.append(quantized_option(eb32, f, config, sensitivity))
+            continue
         options.append(LayerOption(cand.rank, cand.keep, cand.bytes, cand.params,
                                    f.rel_original, f.rel_whitened, f.whitened_sq,
                                    fisher_error(f.col_sq, sensitivity)))
@@ -183,8 +194,12 @@ def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: to
             w = weight_in_out(mod).cpu()
             options, z_sq = profile_layer(name, w, s, s_inv, config, cache_dir, gname,
                                           sensitivity.get(name) if sensitivity else None)
+            dense_opt = None
+            if config.quantize:
+                from .quant_pipeline import quant_dense_option
+                dense_opt = quant_dense_option(w, s, config, sensitivity.get(name) if sensitivity else None)
             layers[name] = LayerProfile(name, w.shape[0], w.shape[1], mod.bias is not None,
-                                        dense_weight_bytes(*w.shape), gname, jitter, z_sq, options)
+                                        dense_weight_bytes(*w.shape), gname, jitter, z_sq, options, dense_opt)
             if progress:
                 progress(block=bi, n_blocks=n_blocks, layer=name, n_candidates=len(options))
         inputs.hidden = outs     # dense propagation: the next block sees the original model's activations
@@ -192,6 +207,8 @@ def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: to
     grid = {"byte_fractions": list(config.byte_fractions), "keep_ratios": list(config.keep_ratios),
             "rank_multiple": config.rank_multiple, "importance_lambda": config.importance_lambda,
             "oversparsify": config.oversparsify, "ridge_rel": config.ridge_rel}
+    if config.quantize:
+        grid.update(quantize=config.quantize, quant_group_size=config.quant_group_size)
     if sensitivity:
         save_file({k: v.contiguous() for k, v in sensitivity.items()}, os.path.join(cache_dir, "sensitivity.safetensors"))
     prof = Profile(layers, cache_dir, calibration_info or {}, grid, time.perf_counter() - t0)

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .quant_linear import QUANT_MODULES, QuantDenseLinear, QuantRocketLinear, quant_state_keys
 from .rocket_linear import RocketLinear
-from .sparse_format import FORMAT_VERSION
+from .sparse_format import FORMAT_VERSION, artifact_format_version
 from .targets import set_module
 
 MANIFEST = "rocket.json"
@@ -65,9 +66,13 @@ def atomic_directory(out_dir: str, overwrite: bool = False):
 def split_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> tuple[dict, dict, dict]:
     """(factor tensors, untouched tensors, tied aliases) from a model holding RocketLinear layers."""
     rocket_names = {n for n, m in model.named_modules() if isinstance(m, RocketLinear)}
+    quant_names = {n for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
     factors, untouched, tied, seen = {}, {}, {}, {}
     for key, t in model.state_dict(keep_vars=False).items():
         owner = key.rpartition(".")[0]
+        if owner in quant_names:            # quantized codes and scales are stored exactly as they are
+            factors[key] = t.contiguous().cpu()
+            continue
         if owner in rocket_names:
             factors[key] = (t.to(storage_dtype) if t.is_floating_point() else t).contiguous().cpu()
             continue
@@ -79,9 +84,9 @@ def split_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> tuple[dic
             seen[ident] = key
         untouched[key] = (t.to(storage_dtype) if t.is_floating_point() else t).contiguous().cpu()
     # Dense-V layers need no mask on disk: it is all ones and regenerated on load.
-    for n in rocket_names:
+    for n in rocket_names | quant_names:
         mod = model.get_submodule(n)
-        if mod.is_dense_v:
+        if getattr(mod, "is_dense_v", False):
             factors.pop(f"{n}.v_mask", None)
     return factors, untouched, tied
 
@@ -90,7 +95,8 @@ def save_artifact(out_dir: str, model: torch.nn.Module, tokenizer, manifest: dic
                   overwrite: bool = False, extra_files: dict[str, str] | None = None) -> str:
     storage = _dtype(manifest.get("storage_dtype", "float16"))
     factors, untouched, tied = split_state(model, storage)
-    manifest = dict(manifest, format=FORMAT_NAME, format_version=FORMAT_VERSION, tied=tied,
+    version = artifact_format_version(any(isinstance(m, QUANT_MODULES) for m in model.modules()))
+    manifest = dict(manifest, format=FORMAT_NAME, format_version=version, tied=tied,
                     architecture=type(model).__name__)
     with atomic_directory(out_dir, overwrite) as tmp:
         model.config.save_pretrained(tmp)
@@ -99,7 +105,7 @@ def save_artifact(out_dir: str, model: torch.nn.Module, tokenizer, manifest: dic
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(factors, os.path.join(tmp, FACTORS), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+        save_file(factors, os.path.join(tmp, FACTORS), metadata={"format": FORMAT_NAME, "format_version": str(version)})
         save_file(untouched, os.path.join(tmp, UNTOUCHED), metadata={"format": FORMAT_NAME})
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
@@ -152,7 +158,16 @@ def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = tor
         model = cls(config)
     model = model.to(dtype)
     for name, rec in manifest["layers"].items():
-        if rec["kind"] == "rocket":
+        q = rec.get("quant")
+        if q:           # format version 2: quantized factors or quantized dense weight
+            bias_dtype = _dtype(manifest.get("storage_dtype", "float16"))
+            group = q.get("group_size") or 128
+            new = (QuantRocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], q["scheme"], group,
+                                     bias=rec["has_bias"], bias_dtype=bias_dtype) if rec["kind"] == "rocket" else
+                   QuantDenseLinear(rec["d_in"], rec["d_out"], q["scheme"], group, bias=rec["has_bias"],
+                                    bias_dtype=bias_dtype))
+            set_module(model, name, new)
+        elif rec["kind"] == "rocket":
             set_module(model, name, RocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"],
                                                  bias=rec["has_bias"], dtype=dtype))
     return model
@@ -173,12 +188,17 @@ def load_artifact(path: str, dtype: torch.dtype = torch.float32, device: str | t
             mask = factors.pop(f"{name}.v_mask", None)
             mod.load_packed(factors.pop(f"{name}.u"), factors.pop(f"{name}.v_values"), mask,
                             factors.pop(f"{name}.bias", None))
+        elif isinstance(mod, QUANT_MODULES):
+            keys = [k for k in quant_state_keys(mod) if f"{name}.{k}" in factors]
+            mod.load_quantized({k: factors.pop(f"{name}.{k}") for k in keys})
     if factors:
         raise ArtifactError(f"{FACTORS} has tensors for no compressed layer: {sorted(factors)[:4]}")
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     rocket_keys = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, RocketLinear)
                    for b in ("u", "v_values", "v_mask", "bias")}
+    rocket_keys |= {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)
+                    for b in quant_state_keys(m)}
     tied = manifest.get("tied", {})
     missing = [k for k in missing if k not in rocket_keys and k not in tied]
     if missing or unexpected:

@@ -7,7 +7,8 @@ from typing import Any
 CONFIG_VERSION = 1
 
 OBJECTIVES = ("auto", "fisher", "rel-original", "rel-whitened", "whitened-energy")
-METHODS = ("rocket", "rocket-uniform", "svd-llm")
+METHODS = ("rocket", "rocket-uniform", "svd-llm", "dense-quant")   # dense-quant: no ROCKET, weights quantized only
+QUANT_SCHEMES = ("int8", "fp8", "int4")
 DEFAULT_TARGETS = (
     # decoders (Llama / Qwen / Mistral / Gemma / Phi-3)
     r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj|dense|fc1|fc2)$",
@@ -80,6 +81,8 @@ class RocketConfig:
     ridge_rel: float = 1e-3
     storage_dtype: str = "float16"
     safeguard: bool = True                       # keep uniform allocation if it beats the knapsack on held-out text
+    quantize: str | None = None                  # None | int8 | fp8 | int4: quantize the factors (docs/quantization.md)
+    quant_group_size: int = 128                  # int4 group size along d_in
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -100,6 +103,12 @@ class RocketConfig:
         _check(0 <= self.oversparsify < 0.5, "oversparsify must be in [0, 0.5)")
         _check(self.ridge_rel > 0, "ridge_rel must be > 0")
         _check(self.storage_dtype in ("float16", "bfloat16"), "storage_dtype must be float16 or bfloat16")
+        _check(self.quantize is None or self.quantize in QUANT_SCHEMES,
+               f"quantize must be None or one of {QUANT_SCHEMES}, got {self.quantize!r}")
+        _check(isinstance(self.quant_group_size, int) and self.quant_group_size >= 2 and self.quant_group_size % 2 == 0,
+               f"quant_group_size must be an even integer >= 2, got {self.quant_group_size!r}")
+        _check(self.method != "dense-quant" or self.quantize is not None,
+               "method 'dense-quant' quantizes the dense weights: set quantize to one of " + str(QUANT_SCHEMES))
         _check(self.version == CONFIG_VERSION, f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
         import re
         for p in self.targets + self.exclude:

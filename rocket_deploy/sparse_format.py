@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # newest artifact format this code reads and writes
+BASE_FORMAT_VERSION = 1     # unquantized artifacts: unchanged since version 1, still written as 1
+QUANTIZED_FORMAT_VERSION = 2  # artifacts with quantized factors / weights (docs/quantization.md)
 FP16_BYTES = 2
+
+
+def artifact_format_version(quantized: bool) -> int:
+    """The version an artifact is written with: 1 unless it holds quantized layers (older readers refuse 2)."""
+    return QUANTIZED_FORMAT_VERSION if quantized else BASE_FORMAT_VERSION
 
 
 def mask_bytes_per_column(rank: int) -> int:

@@ -13,16 +13,22 @@ state in the engine's opaque ``present``/``past``, as the :meth:`Engine.forward`
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import logging
 import math
+import signal
 import threading
 import time
 import uuid
 from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, SamplingParams
 
@@ -312,11 +318,13 @@ class TextGeneration:
         end = len(full)
         while end > start and full[end - 1] == "\ufffd":          # incomplete UTF-8 sequence: wait
             end -= 1
-        for s in self.stop:                                        # a possible stop-string start: wait
-            for k in range(min(len(s) - 1, end - start), 0, -1):
+        hold = 0                                                   # a possible stop-string start: wait
+        for s in self.stop:
+            for k in range(min(len(s) - 1, end - start), hold, -1):
                 if full.endswith(s[:k], 0, end):
-                    end = min(end, len(full[:end]) - k)
+                    hold = k
                     break
+        end -= hold
         delta = full[start:end] if end > start else ""
         self.text += delta
         return delta
@@ -327,10 +335,6 @@ class TextGeneration:
         self.text += delta
         self.done, self.finish_reason = True, reason
         return delta
-
-    @property
-    def prefill_s(self) -> float:
-        return float(self._stats.get("prefill_s", 0.0))
 
     def close(self) -> None:
         """Stop generating (frees the KV state). Call on the worker thread, or when no step is running."""
@@ -456,15 +460,20 @@ class _MetricsMiddleware:
 # admission control
 # ---------------------------------------------------------------------------------------------------------------
 class Admission:
-    """At most ``max_concurrent`` holders and ``max_queue`` waiters (FIFO). Event-loop only."""
+    """At most ``max_concurrent`` holders and ``max_queue`` FIFO waiters; a released slot is handed straight to
+    the oldest waiter. Used from the event loop only."""
 
     def __init__(self, settings: ServerSettings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
-        self._sem = asyncio.Semaphore(settings.max_concurrent)
+        self._free = settings.max_concurrent
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self.draining = False
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after_s)}
+
+    def _sync_gauge(self) -> None:
+        self.metrics.waiting = sum(1 for w in self._waiters if not w.done())
 
     async def acquire(self, deadline: float) -> None:
         m = self.metrics
@@ -472,26 +481,51 @@ class Admission:
             m.reject("shutting_down")
             raise APIError(503, "the server is shutting down", "server_error", code="shutting_down",
                            headers=self._retry())
-        if self._sem.locked() or m.waiting:
-            if m.waiting >= self.settings.max_queue:
-                m.reject("queue_full")
-                raise APIError(429, f"the server is busy ({self.settings.max_concurrent} requests in flight, "
-                                    f"{m.waiting} queued); retry later", "rate_limit_error", code="queue_full",
-                               headers=self._retry())
-        m.waiting += 1
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            m.in_flight += 1
+            return
+        if len(self._waiters) >= self.settings.max_queue:
+            m.reject("queue_full")
+            raise APIError(429, f"the server is busy ({self.settings.max_concurrent} requests in flight, "
+                                f"{len(self._waiters)} queued); retry later", "rate_limit_error",
+                           code="queue_full", headers=self._retry())
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._sync_gauge()
         try:
-            await asyncio.wait_for(self._sem.acquire(), timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            m.reject("queue_timeout")
-            raise APIError(503, f"timed out after {self.settings.request_timeout_s:g}s waiting for a free slot; "
-                                f"retry later", "server_error", code="queue_timeout", headers=self._retry())
-        finally:
-            m.waiting -= 1
-        m.in_flight += 1
+            await asyncio.wait({fut}, timeout=max(0.0, deadline - time.monotonic()))
+        except BaseException:           # cancelled while queued: hand back a slot we may have been given
+            if fut.done() and not fut.cancelled():
+                m.in_flight += 1
+                self.release()
+            else:
+                self._forget(fut)
+            raise
+        if fut.done() and not fut.cancelled():
+            m.in_flight += 1
+            return
+        self._forget(fut)
+        m.reject("queue_timeout")
+        raise APIError(503, f"timed out after {self.settings.request_timeout_s:g}s waiting for a free slot; "
+                            f"retry later", "server_error", code="queue_timeout", headers=self._retry())
+
+    def _forget(self, fut: asyncio.Future) -> None:
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(fut)
+        self._sync_gauge()
 
     def release(self) -> None:
         self.metrics.in_flight -= 1
-        self._sem.release()
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(True)      # the slot goes straight to the oldest waiter
+                self._sync_gauge()
+                return
+        self._free += 1
+        self._sync_gauge()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,6 +540,7 @@ class _Job:
         self.admitted_at = admitted_at
         self.released = False
         self.first_token = False
+        self.pending = ""           # text released by the first step (run before the response starts)
 
     async def step(self) -> str:
         if time.monotonic() > self.deadline:
@@ -584,7 +619,10 @@ class _Server:
             gen = TextGeneration(self.engine, ids, params, req.stop)
             job = _Job(self, gen, n, deadline, admitted_at)
             self.metrics.add_tokens(prompt=n)
-            job.pending = await job.step()          # prefill + first token
+            try:
+                job.pending = await job.step()      # prefill + first token
+            except ValueError as e:                 # the engine refused the input (e.g. a context limit)
+                raise _bad(f"the model refused the request: {e}", "prompt", "invalid_prompt")
             return job
         except BaseException:
             if job is not None:
@@ -618,7 +656,6 @@ class _Server:
 
 
 def _error_response(err: APIError):
-    from fastapi.responses import JSONResponse
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -660,10 +697,6 @@ async def _read_json(request, settings: ServerSettings) -> Any:
 
 def create_app(engine: Engine, settings: ServerSettings | None = None):
     """Build the FastAPI app serving ``engine``. ``app.state.rocket`` holds the server state (metrics, admission)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     settings = settings or ServerSettings()
     srv = _Server(engine, settings)
 
@@ -761,7 +794,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                self.job.release(disconnected=not self.job.gen.done)
+                self.job.release(disconnected=True)     # no-op unless the stream was abandoned mid-way
 
     return app
 
@@ -804,6 +837,7 @@ async def _sse(kind: str, rid: str, created: int, model: str, job: _Job, include
             out["usage"] = None
         return out
 
+    finished = False                # True once the stream ended on its own (done or an error reported)
     try:
         if kind == "chat":
             yield _sse_event(chunk("", role=True))
@@ -814,19 +848,24 @@ async def _sse(kind: str, rid: str, created: int, model: str, job: _Job, include
             if delta:
                 yield _sse_event(chunk(delta))
         yield _sse_event(chunk(None if kind == "chat" else "", finish=job.gen.finish_reason))
+        finished = True
         job.release()
         if include_usage:
             yield _sse_event({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                               "usage": _usage(job)})
         yield "data: [DONE]\n\n"
     except APIError as e:
+        finished = True
+        job.release()
         yield _sse_event(e.body())
     except Exception as e:          # noqa: BLE001 -- the status line is sent; report in-band and end the stream
+        finished = True
+        job.release()
         log.exception("error while streaming")
         yield _sse_event(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error",
                                   code="internal_error").body())
     finally:
-        job.release(disconnected=not job.gen.done)
+        job.release(disconnected=not finished)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -841,20 +880,35 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, setti
     settings = settings or ServerSettings()
     app = create_app(engine, settings)
 
-    class _Server(uvicorn.Server):
+    class _UvicornServer(uvicorn.Server):
         def handle_exit(self, sig, frame):           # the signal handler: start draining at once
             app.state.rocket.admission.draining = True
             super().handle_exit(sig, frame)
 
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # Like uvicorn's, minus re-raising the signal after the drain: a graceful stop returns normally
+            # (exit status 0) instead of dying of SIGTERM / raising KeyboardInterrupt.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=settings.shutdown_timeout_s, lifespan="on",
                             timeout_keep_alive=5)
-    server = _Server(config)
+    server = _UvicornServer(config)
     server.app = app
     return server
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
           log_level: str = "info") -> None:
-    """Serve ``engine`` over HTTP until SIGINT/SIGTERM (blocking)."""
+    """Serve ``engine`` over HTTP until SIGINT/SIGTERM (blocking); returns after the graceful shutdown."""
     make_server(engine, host, port, settings, log_level).run()
+    log.info("server stopped")

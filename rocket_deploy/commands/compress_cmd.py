@@ -71,7 +71,9 @@ def get_profile(model, tokenizer, config, cal, data, profile_dir, quiet):
         prof = Profile.load(profile_dir)
         same_data = prof.calibration.get("calib_sha256_16") == data.info["calib_sha256_16"]
         same_grid = prof.grid.get("byte_fractions") == list(config.byte_fractions) and \
-            prof.grid.get("keep_ratios") == list(config.keep_ratios)
+            prof.grid.get("keep_ratios") == list(config.keep_ratios) and \
+            prof.grid.get("quantize") == config.quantize and \
+            prof.grid.get("quant_group_size", config.quant_group_size) == config.quant_group_size
         if same_data and same_grid:
             if not quiet:
                 click.echo(f"reusing profile in {profile_dir}", err=True)
@@ -86,11 +88,15 @@ def get_profile(model, tokenizer, config, cal, data, profile_dir, quiet):
 @click.option("--budget", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3, show_default=True,
               help="Fraction of the targeted layers' fp16 bytes to remove (0 < budget < 1).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to write.")
-@click.option("--method", type=click.Choice(["rocket", "rocket-uniform", "svd-llm"]), default="rocket", show_default=True)
+@click.option("--method", type=click.Choice(["rocket", "rocket-uniform", "svd-llm", "dense-quant"]), default="rocket",
+              show_default=True, help="dense-quant: no ROCKET, the dense weights quantized with --quantize (baseline).")
+@click.option("--quantize", type=click.Choice(["int8", "fp8", "int4"]), default=None,
+              help="Quantize the factors (U per rank component, V per output column; int4: U group-wise, V int8); "
+                   "the budget then counts quantized bytes. See docs/quantization.md.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
 @calibration_options
-def compress(model, budget, out, method, overwrite, as_json, calib, calib_samples, seq_len, eval_samples, seed,
+def compress(model, budget, out, method, quantize, overwrite, as_json, calib, calib_samples, seq_len, eval_samples, seed,
              targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet):
     """Compress MODEL (a Hugging Face directory, a .gguf file, or smollm2-135m) into an artifact at --out."""
     if os.path.exists(out) and not overwrite:
@@ -98,6 +104,8 @@ def compress(model, budget, out, method, overwrite, as_json, calib, calib_sample
     with friendly_errors():
         config, cal = build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, seed, targets,
                                     exclude, byte_fractions, keep_ratios, objective)
+        if quantize or method == "dense-quant":
+            config = config.replace(quantize=quantize)      # validated: dense-quant needs --quantize
         from ..compress.pipeline import compress as run_compress, prepare_calibration
         from ..models import load_model
         from ..targets import select_targets
@@ -113,7 +121,7 @@ def compress(model, budget, out, method, overwrite, as_json, calib, calib_sample
                 import shutil
                 shutil.rmtree(prof.cache_dir, ignore_errors=True)
     b = res.manifest["budget"]
-    summary = {"out": res.path, "method": method, "target_removed": budget,
+    summary = {"out": res.path, "method": method, **({"quantize": quantize} if quantize else {}), "target_removed": budget,
                "removed_bytes_fraction": round(b["removed_bytes_fraction"], 4),
                "compressed_bytes": b["compressed_bytes"], "dense_bytes": b["dense_bytes"],
                "params_ratio": round(b["params_ratio"], 4), "layers_compressed": b["layers_compressed"],

@@ -1,0 +1,410 @@
+"""Post-ROCKET weight quantization (pure math, no I/O): int8 / fp8 e4m3 / int4 factors, whitened-error scales.
+
+Matrices use the ``y = x M`` convention: ``M`` is ``K x N`` (``K`` inputs, ``N`` outputs). Every scheme keeps
+one scale per output column ``n`` (``int4`` one scale and zero point per ``(group of K, column)``). The clip
+ratio of each scale is chosen by a grid search that minimises the *whitened* (activation-weighted) error
+``||S dM||^2 = sum_n dM_n^T H dM_n`` with ``H = S^T S`` the calibration Gram (mean over tokens), not by max
+scaling; the ratio 1.0 (max scaling) is always on the grid, so the search never loses to it on the metric
+it evaluates. See docs/quantization.md for the derivations.
+
+Storage forms (what :mod:`rocket_deploy.quant_linear` and the artifact hold):
+
+* ``int8``: ``q int8 [K, N]``, ``scales float32 [N]``; ``M = q * scales`` (symmetric, codes -127..127).
+* ``fp8``:  ``q float8_e4m3fn [K, N]``, ``scales float32 [N]``; ``M = q * scales`` (|q| <= 448).
+* ``int4``: the ONNX Runtime ``MatMulNBits`` layout with ``block_size = group``: ``q uint8 [N, nb, group/2]``
+  (``nb = ceil(K/group)``; two codes per byte, the lower K index in the low nibble; ``K`` padded with zeros to
+  ``nb*group``), ``scales float16 [N, nb]``, ``zeros uint8 [N, ceil(nb/2)]`` (zero points, two per byte, low
+  nibble first); ``M[k, n] = (code - zero) * scale`` -- asymmetric unsigned 4-bit codes 0..15.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from rocket_deploy.sparse_format import factor_bytes, mask_bytes_per_column, pack_v
+
+SCHEMES = ("int8", "fp8", "int4")
+INT8_MAX = 127.0
+FP8_MAX = 448.0
+INT4_LEVELS = 15
+DEFAULT_GROUP = 128
+CLIP_RATIOS = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.72, 0.66, 0.6)
+SCALE_BYTES = 4           # per-column scales: float32
+GROUP_SCALE_BYTES = 2     # int4 group scales: float16 (MatMulNBits takes fp16 or fp32 scales)
+_FP16_TINY = 2.0 ** -14   # smallest normal fp16: int4 scales are kept at or above it
+
+
+def u_format(scheme: str) -> str:
+    """Format of U (and of a dense quantized weight) under ``scheme``."""
+    _check_scheme(scheme)
+    return scheme
+
+
+def v_format(scheme: str) -> str:
+    """Format of V's packed values: int8 for ``int4`` (4-bit values next to an 8-bit-per-column bitmask and
+    per-column scales gain little and cost accuracy), else the scheme itself."""
+    _check_scheme(scheme)
+    return "int8" if scheme == "int4" else scheme
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+# ----------------------------------------------------------------------------------------------- byte accounting
+def n_groups(k: int, group: int) -> int:
+    return (k + group - 1) // group
+
+
+def matrix_bytes(k: int, n: int, fmt: str, group: int = DEFAULT_GROUP) -> int:
+    """Stored bytes of a ``K x N`` matrix in ``fmt`` including scales (and int4 padding and zero points)."""
+    if fmt in ("int8", "fp8"):
+        return k * n + SCALE_BYTES * n
+    if fmt == "int4":
+        nb = n_groups(k, group)
+        return n * nb * (group // 2) + GROUP_SCALE_BYTES * n * nb + n * ((nb + 1) // 2)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def quant_factor_bytes(d_in: int, d_out: int, rank: int, keep: int, scheme: str, group: int = DEFAULT_GROUP) -> int:
+    """Deployed bytes of a quantized ROCKET layer: U in ``u_format`` + V (bitmask when k < r, 1-byte values,
+    one float32 scale per output column)."""
+    uf = u_format(scheme)
+    u = matrix_bytes(d_in, rank, uf, group)
+    v_scales = SCALE_BYTES * d_out
+    # factor_bytes counts U at u_elem_bytes per element and V at 1 byte per value (+ mask when k < r)
+    return factor_bytes(d_in, d_out, rank, keep, u_elem_bytes=0, v_elem_bytes=1, extra_bytes=u + v_scales)
+
+
+def quant_dense_bytes(d_in: int, d_out: int, scheme: str, group: int = DEFAULT_GROUP) -> int:
+    """Bytes of a dense ``d_in x d_out`` weight quantized under ``scheme`` (per output channel / group-wise)."""
+    return matrix_bytes(d_in, d_out, u_format(scheme), group)
+
+
+def bytes_fn(scheme: str | None, group: int = DEFAULT_GROUP):
+    """A ``bytes_fn(d_in, d_out, rank, keep)`` for :func:`compress.candidates.candidate_grid` / ``fit_rank``."""
+    if scheme is None:
+        return factor_bytes
+    _check_scheme(scheme)
+
+    def fn(d_in, d_out, rank, keep):
+        return quant_factor_bytes(d_in, d_out, rank, keep, scheme, group)
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------ error metrics
+def column_errors(dm: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+    """Per column ``n``: ``dM_n^T H dM_n`` (H 2-D, exact), ``sum_k h_k dM_kn^2`` (H 1-D: its diagonal), or
+    ``||dM_n||^2`` (None)."""
+    if hessian is None:
+        return dm.pow(2).sum(0)
+    if hessian.dim() == 1:
+        return (hessian[:, None] * dm.pow(2)).sum(0)
+    return ((hessian @ dm) * dm).sum(0)
+
+
+def gram_of(s: torch.Tensor) -> torch.Tensor:
+    """``H = S^T S`` from the upper whitening factor (``||S dM||^2 = tr(dM^T H dM)``)."""
+    return s.t() @ s
+
+
+# -------------------------------------------------------------------------------------- per-column int8 / fp8
+def _round_codes(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantized codes of ``x`` (already divided by the scale) in their storage dtype."""
+    if fmt == "int8":
+        return torch.round(x).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    if fmt == "fp8":
+        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    raise ValueError(f"unknown per-column format {fmt!r}")
+
+
+def _qmax(fmt: str) -> float:
+    return INT8_MAX if fmt == "int8" else FP8_MAX
+
+
+def dequant_cols(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q [K, N] * scales [N]`` in ``dtype``."""
+    return q.to(dtype) * scales.to(dtype)[None, :]
+
+
+def quantize_cols(m: torch.Tensor, fmt: str, hessian: torch.Tensor | None = None,
+                  ratios=CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-column symmetric quantization of ``m [K, N]`` with a per-column clip-ratio search.
+
+    Scale of column ``n`` at ratio ``a``: ``a * max_k |M_kn| / qmax`` (rounded to float32, the stored dtype);
+    the ratio that minimises :func:`column_errors` with ``hessian`` is kept per column (ties keep the
+    larger ratio). Returns ``(codes, scales float32 [N], dequantized [K, N] in m.dtype)``.
+    """
+    if fmt not in ("int8", "fp8"):
+        raise ValueError(f"quantize_cols handles int8 / fp8, got {fmt!r}")
+    amax = m.abs().amax(dim=0)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    best_err = best_scale = None
+    for a in sorted(set(ratios) | {1.0}, reverse=True):
+        scale = (amax * a / _qmax(fmt)).to(torch.float32)
+        deq = dequant_cols(_round_codes(m / scale.to(m.dtype), fmt), scale, m.dtype)
+        err = column_errors(deq - m, hessian)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+    q = _round_codes(m / best_scale.to(m.dtype), fmt)
+    return q, best_scale, dequant_cols(q, best_scale, m.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- group-wise int4
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``uint8 [..., 2m]`` codes 0..15 -> ``uint8 [..., m]``, element ``2i`` in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError("pack_nibbles needs an even last dimension")
+    c = codes.to(torch.uint8)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _int4_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (rounded to fp16, the stored dtype) and integer zero point 0..15 of a range ``[lo, hi]``."""
+    scale = ((hi - lo) / INT4_LEVELS).clamp_min(_FP16_TINY).to(torch.float16).to(lo.dtype)
+    zero = torch.round(-lo / scale).clamp_(0, INT4_LEVELS)
+    return scale, zero
+
+
+def _int4_deq(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = (torch.round(x / scale) + zero).clamp_(0, INT4_LEVELS)
+    return codes, (codes - zero) * scale
+
+
+def quantize_int4(m: torch.Tensor, group: int = DEFAULT_GROUP, hessian: torch.Tensor | None = None,
+                  ratios=CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise 4-bit quantization of ``m [K, N]``, groups of ``group`` rows along ``K``.
+
+    Range of a (group, column): ``[a * min(x, 0), a * max(x, 0)]`` (zero always representable), clip ratio ``a``
+    searched per (group, column) minimising ``dM_g^T H_gg dM_g`` -- the whitened error with the diagonal
+    ``group x group`` block of ``H`` (exact inside a group; the couplings between groups are left out, which
+    keeps the search separable). ``hessian`` may be the full ``K x K`` Gram, its diagonal, or None.
+    Returns ``(packed uint8 [N, nb, group/2], scales float16 [N, nb], zeros uint8 [N, ceil(nb/2)],
+    dequantized [K, N] in m.dtype)``.
+    """
+    if group < 2 or group % 2:
+        raise ValueError(f"int4 group size must be even and >= 2, got {group}")
+    k, n = m.shape
+    nb = n_groups(k, group)
+    pad = nb * group - k
+    mp = torch.cat([m, m.new_zeros(pad, n)]) if pad else m
+    x = mp.reshape(nb, group, n)                         # [nb, group, N]
+    if hessian is None:
+        hblk = None
+    elif hessian.dim() == 1:
+        hp = torch.cat([hessian, hessian.new_zeros(pad)]) if pad else hessian
+        hblk = hp.reshape(nb, group)
+    else:
+        hp = hessian
+        if pad:
+            hp = torch.zeros(nb * group, nb * group, dtype=hessian.dtype)
+            hp[:k, :k] = hessian
+        idx = torch.arange(nb)
+        hblk = hp.reshape(nb, group, nb, group)[idx, :, idx, :]       # [nb, group, group] diagonal blocks
+    lo0 = x.amin(dim=1).clamp(max=0)                   # [nb, N]
+    hi0 = x.amax(dim=1).clamp(min=0)
+    best = None
+    for a in sorted(set(ratios) | {1.0}, reverse=True):
+        scale, zero = _int4_params(lo0 * a, hi0 * a)
+        _, deq = _int4_deq(x, scale[:, None, :], zero[:, None, :])
+        d = deq - x
+        if hblk is None:
+            err = d.pow(2).sum(1)
+        elif hblk.dim() == 2:
+            err = (hblk[:, :, None] * d.pow(2)).sum(1)
+        else:
+            err = (torch.bmm(hblk, d) * d).sum(1)             # [nb, N]
+        if best is None:
+            best = [err, scale, zero]
+        else:
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                     torch.where(better, zero, best[2])]
+    _, scale, zero = best
+    codes, deq = _int4_deq(x, scale[:, None, :], zero[:, None, :])
+    codes = codes.to(torch.uint8).permute(2, 0, 1)                 # [N, nb, group]
+    packed = pack_nibbles(codes)
+    zcodes = zero.to(torch.uint8).t()                               # [N, nb]
+    if nb % 2:
+        zcodes = torch.cat([zcodes, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+    zeros = pack_nibbles(zcodes)
+    scales16 = scale.t().to(torch.float16).contiguous()
+    return packed, scales16, zeros, deq.reshape(nb * group, n)[:k].contiguous()
+
+
+def dequant_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[K, N]`` matrix from the MatMulNBits-layout storage of :func:`quantize_int4`."""
+    n, nb, _ = packed.shape
+    codes = unpack_nibbles(packed).to(dtype)                        # [N, nb, group]
+    zero = unpack_nibbles(zeros)[:, :nb].to(dtype)                  # [N, nb]
+    w = (codes - zero[:, :, None]) * scales.to(dtype)[:, :, None]
+    return w.reshape(n, -1)[:, :k].t().contiguous()
+
+
+# --------------------------------------------------------------------------------------------- quantized matrix
+@dataclasses.dataclass
+class QuantMatrix:
+    """A ``K x N`` matrix in one storage format; ``deq`` is what the deployed model computes with."""
+    fmt: str
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    deq: torch.Tensor
+    k: int
+    n: int
+    group: int | None = None
+
+    @property
+    def bytes(self) -> int:
+        return matrix_bytes(self.k, self.n, self.fmt, self.group or DEFAULT_GROUP)
+
+
+def quantize_matrix(m: torch.Tensor, fmt: str, hessian: torch.Tensor | None = None, group: int = DEFAULT_GROUP,
+                    ratios=CLIP_RATIOS) -> QuantMatrix:
+    k, n = m.shape
+    if fmt == "int4":
+        packed, scales, zeros, deq = quantize_int4(m, group, hessian, ratios)
+        return QuantMatrix(fmt, packed, scales, zeros, deq, k, n, group)
+    q, scales, deq = quantize_cols(m, fmt, hessian, ratios)
+    return QuantMatrix(fmt, q, scales, None, deq, k, n, None)
+
+
+def dequant_matrix(fmt: str, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, k: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if fmt == "int4":
+        return dequant_int4(q, scales, zeros, k, dtype)
+    return dequant_cols(q, scales, dtype)
+
+
+# ------------------------------------------------------------------------------------------ quantized factors
+@dataclasses.dataclass
+class QuantFactors:
+    """Quantized ``U`` (``d_in x r``) and ``V`` (``r x d_out``, ``keep`` per column) of one layer."""
+    scheme: str
+    u: QuantMatrix
+    v_values: torch.Tensor     # [d_out, keep] codes (int8 / float8_e4m3fn), kept rows in increasing order
+    v_scales: torch.Tensor     # float32 [d_out]
+    v_mask: torch.Tensor       # uint8 [d_out, ceil(r/8)]
+    keep_mask: torch.Tensor    # bool [r, d_out]
+    v_deq: torch.Tensor        # [r, d_out] dequantized V (zeros outside keep_mask)
+    rank: int
+    keep: int
+
+    @property
+    def u_deq(self) -> torch.Tensor:
+        return self.u.deq
+
+    def bytes(self, d_in: int, d_out: int) -> int:
+        return quant_factor_bytes(d_in, d_out, self.rank, self.keep, self.scheme, self.u.group or DEFAULT_GROUP)
+
+
+def normalize_components(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale rank components so that ``||S U_i|| = 1`` (``(U D)(D^-1 V) = U V`` exactly).
+
+    Per-column quantization of U is invariant to this; for V it makes a unit of quantization noise on any
+    kept entry cost about the same whitened error (``||S U_i||^2 dV_ij^2``), so one scale per output column
+    of V serves all its rows evenly."""
+    a = torch.linalg.vector_norm(s @ u, dim=0)
+    a = torch.where(a > 0, a, torch.ones_like(a))
+    return u / a[None, :], v * a[:, None]
+
+
+def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, s: torch.Tensor, scheme: str,
+                     group: int = DEFAULT_GROUP, u_metric: str = "exact", v_metric: str = "exact",
+                     ratios=CLIP_RATIOS) -> QuantFactors:
+    """Quantize a factorization ``W ~ U V`` for deployment, minimising the whitened error ``||S(W - U_q V_q)||``.
+
+    1. normalize the rank components (:func:`normalize_components`);
+    2. U: per-column int8/fp8 (one scale per rank component) or group-wise int4, clip ratios searched with
+       ``H = S^T S`` (``u_metric`` "exact": full H; "diag": its diagonal -- cheaper for wide layers). The
+       whitened error of a column perturbation ``dU_i`` is ``||S dU_i||^2 ||V_i||^2`` (+ cross terms
+       ``2 (S dU_i)^T (S dU_j) V_i V_j^T`` that vanish when the rows of V are orthogonal), so the per-column
+       search over ``||S dU_i||^2`` alone is exact up to those cross terms;
+    3. V: per-output-column int8/fp8 of the kept values, searched with the exact metric of a column
+       perturbation given the *quantized* U: ``dV_j^T (U_q^T H U_q) dV_j`` (error feedback from U to V's
+       scales; ``v_metric`` "exact": the full ``r x r`` matrix, "diag": its diagonal ``||S U_q,i||^2``).
+    The pipeline uses "diag" for both (profiling evaluates thousands of candidates); the final errors it
+    records are always exact (:func:`factor_error_stats`).
+    """
+    _check_scheme(scheme)
+    for name, val in (("u_metric", u_metric), ("v_metric", v_metric)):
+        if val not in ("exact", "diag"):
+            raise ValueError(f"{name} must be 'exact' or 'diag', got {val!r}")
+    dt = u.dtype
+    s = s.to(dt)
+    v = v.to(dt) * keep_mask.to(dt)
+    u, v = normalize_components(u, v, s)
+    h = gram_of(s)
+    uq = quantize_matrix(u, u_format(scheme), h if u_metric == "exact" else torch.diagonal(h).clone(), group, ratios)
+    su = s @ uq.deq
+    hv = su.t() @ su if v_metric == "exact" else su.pow(2).sum(0)
+    vq, v_scales, v_deq = quantize_cols(v, v_format(scheme), hv, ratios)
+    v_deq = v_deq * keep_mask.to(dt)
+    if vq.dtype == torch.float8_e4m3fn:
+        vals, mask = pack_v(vq.view(torch.uint8), keep_mask)
+        vals = vals.view(torch.float8_e4m3fn)
+    else:
+        vals, mask = pack_v(vq, keep_mask)
+    r = u.shape[1]
+    k = int(keep_mask[:, 0].sum()) if keep_mask.shape[1] else r
+    return QuantFactors(scheme, uq, vals.contiguous(), v_scales, mask, keep_mask, v_deq, r, k)
+
+
+def quantize_dense(w: torch.Tensor, s: torch.Tensor, scheme: str, group: int = DEFAULT_GROUP,
+                   ratios=CLIP_RATIOS, metric: str = "exact") -> QuantMatrix:
+    """The dense-weight option / baseline: ``w [d_in, d_out]`` per output channel (int8 / fp8) or group-wise
+    along d_in (int4), clip ratios searched on the whitened error with ``H = S^T S``."""
+    h = gram_of(s.to(w.dtype))
+    return quantize_matrix(w, u_format(scheme), h if metric == "exact" else torch.diagonal(h).clone(), group, ratios)
+
+
+@dataclasses.dataclass
+class ErrorStats:
+    rel_original: float
+    rel_whitened: float
+    whitened_sq: float
+    col_sq: torch.Tensor
+
+
+def error_stats(w: torch.Tensor, w_hat: torch.Tensor, s: torch.Tensor, z_norm: float | None = None) -> ErrorStats:
+    """Errors of an approximation ``w_hat`` of ``w`` (both ``d_in x d_out``): as :class:`Factorization` reports."""
+    dw = w - w_hat
+    sdw = s.to(dw.dtype) @ dw
+    col_sq = sdw.pow(2).sum(0)
+    wsq = float(col_sq.sum())
+    if z_norm is None:
+        z_norm = float(torch.linalg.matrix_norm(s.to(w.dtype) @ w))
+    return ErrorStats(float(torch.linalg.matrix_norm(dw)) / max(float(torch.linalg.matrix_norm(w)), 1e-30),
+                      math.sqrt(wsq) / max(z_norm, 1e-30), wsq, col_sq)
+
+
+def factor_error_stats(w: torch.Tensor, qf: QuantFactors, s: torch.Tensor, z: torch.Tensor | None = None,
+                       z_norm: float | None = None) -> ErrorStats:
+    """Exact errors of the quantized factors: ``||S (W - U_q V_q)||`` computed as ``Z - (S U_q) V_q``."""
+    dt = w.dtype
+    s = s.to(dt)
+    if z is None:
+        z = s @ w
+    resid = z - (s @ qf.u_deq.to(dt)) @ qf.v_deq.to(dt)
+    col_sq = resid.pow(2).sum(0)
+    wsq = float(col_sq.sum())
+    w_norm = float(torch.linalg.matrix_norm(w))
+    dw = w - qf.u_deq.to(dt) @ qf.v_deq.to(dt)
+    zn = z_norm if z_norm is not None else float(torch.linalg.matrix_norm(z))
+    return ErrorStats(float(torch.linalg.matrix_norm(dw)) / max(w_norm, 1e-30), math.sqrt(wsq) / max(zn, 1e-30),
+                      wsq, col_sq)

@@ -1,0 +1,162 @@
+"""Graph passes on the exported ONNX model (``onnx_ir``; no 2 GB protobuf limit).
+
+* :func:`lower_rocket_nodes` -- the ``ort`` target: every ``rocket.RocketSparseVMatMul`` node becomes standard ONNX
+  ops that rebuild the dense ``V`` (``rank x out_features``) from the packed initializers (``values`` + bitmask)
+  and multiply. The expansion only depends on initializers, so ONNX Runtime's constant folding (on by default,
+  ``ORT_ENABLE_BASIC`` and above) runs it ONCE when the session is created; each run is then two plain MatMuls.
+  The file keeps the packed form (about the artifact's size).
+* :func:`store_weights_fp16` -- fp32 initializers whose values are exactly representable in fp16 (all weights of a
+  ROCKET artifact, which stores fp16) are stored as fp16 plus a ``Cast`` to fp32; folded at session start as well,
+  so an fp32 graph costs fp16 bytes on disk and computes in fp32 bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .rocket_op import ONNX_DOMAIN, ONNX_OP
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def rocket_nodes(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP]
+
+
+def _const(tape, name: str, array: np.ndarray) -> ir.Value:
+    return tape.initializer(ir.tensor(array, name=name), name=name)
+
+
+def lower_rocket_nodes(model: ir.Model, merge: str = "auto") -> dict:
+    """Replace ``RocketSparseVMatMul`` nodes by standard ops (see module doc).
+
+    ``merge``: ``"auto"`` multiplies ``U V`` into one dense weight (also folded at session start) for the layers
+    whose factorized fp32 form would move at least as many bytes per token as the dense weight
+    (``rank * (in + out) >= in * out``), ``"never"`` keeps every layer factorized, ``"always"`` merges all.
+    Returns counts of what was done.
+    """
+    from onnx_ir import tape as ir_tape
+    graph = model.graph
+    stats = {"lowered": 0, "dense_v": 0, "sparse_v": 0, "merged": 0}
+    shared: dict[str, ir.Value] = {}
+    for node in rocket_nodes(graph):
+        vt = int(_attr(node, "value_type", 0))
+        if vt != 0:
+            raise NotImplementedError(f"{node.name}: value_type={vt} (quantized V) has no standard-op lowering yet")
+        rank, keep, d_out = int(_attr(node, "rank")), int(_attr(node, "keep")), int(_attr(node, "out_features"))
+        t, values, mask = node.inputs[0], node.inputs[1], node.inputs[2]
+        base = (values.name or node.name).removesuffix(".v_values")
+        tp = ir_tape.Tape()
+        if keep == rank:
+            v = tp.op("Transpose", [values], {"perm": [1, 0]}, name=f"{base}.V")
+            stats["dense_v"] += 1
+        else:
+            nb = (rank + 7) // 8
+            if "shifts" not in shared:
+                shared["shifts"] = _const(tp, "rocket.bit_shifts", np.arange(8, dtype=np.uint8).reshape(1, 1, 8))
+                shared["one_u8"] = _const(tp, "rocket.one_u8", np.ones((1,), dtype=np.uint8))
+                shared["axis_m1"] = _const(tp, "rocket.axis_m1", np.array([-1], dtype=np.int64))
+                shared["one_i64"] = _const(tp, "rocket.one_i64", np.array(1, dtype=np.int64))
+                shared["zero_i64"] = _const(tp, "rocket.zero_i64", np.array(0, dtype=np.int64))
+                shared["axis1"] = _const(tp, "rocket.axis1", np.array(1, dtype=np.int64))
+                shared["zero1"] = _const(tp, "rocket.slice_start", np.array([0], dtype=np.int64))
+                shared["sl_axis"] = _const(tp, "rocket.slice_axis", np.array([1], dtype=np.int64))
+            shape = _const(tp, f"{base}.bits_shape", np.array([d_out, nb * 8], dtype=np.int64))
+            end = _const(tp, f"{base}.rank", np.array([rank], dtype=np.int64))
+            m3 = tp.op("Unsqueeze", [mask, shared["axis_m1"]])
+            bits = tp.op("BitwiseAnd", [tp.op("BitShift", [m3, shared["shifts"]], {"direction": "RIGHT"}),
+                                        shared["one_u8"]])
+            bits = tp.op("Slice", [tp.op("Reshape", [bits, shape]), shared["zero1"], end, shared["sl_axis"]])
+            bits_i = tp.op("Cast", [bits], {"to": ir.DataType.INT64})
+            pos = tp.op("Max", [tp.op("Sub", [tp.op("CumSum", [bits_i, shared["axis1"]]), shared["one_i64"]]),
+                                shared["zero_i64"]])
+            gathered = tp.op("GatherElements", [values, pos], {"axis": 1})
+            keep_b = tp.op("Cast", [bits], {"to": ir.DataType.BOOL})
+            zero = _const(tp, f"{base}.zero", np.zeros((1,), dtype=values.dtype.numpy()))
+            vt_dense = tp.op("Where", [keep_b, gathered, zero])
+            v = tp.op("Transpose", [vt_dense], {"perm": [1, 0]}, name=f"{base}.V")
+            stats["sparse_v"] += 1
+        out = node.outputs[0]
+        u_node = t.producer()
+        do_merge = False
+        if merge != "never" and u_node is not None and u_node.op_type == "MatMul" and len(t.uses()) == 1:
+            u_val = u_node.inputs[1]
+            d_in = u_val.shape[0] if u_val.shape is not None else None
+            if isinstance(d_in, int):
+                do_merge = merge == "always" or rank * (d_in + d_out) >= d_in * d_out
+        if do_merge:
+            w = tp.op("MatMul", [u_node.inputs[1], v], name=f"{base}.W")
+            y = tp.op("MatMul", [u_node.inputs[0], w], name=f"{base}.matmul")
+            stats["merged"] += 1
+        else:
+            y = tp.op("MatMul", [t, v], name=f"{base}.matmul_v")
+        if out.dtype is not None:
+            y.dtype = out.dtype
+        if out.shape is not None:
+            y.shape = out.shape
+        graph.insert_before(node, tp.nodes)
+        for init in tp.initializers:
+            if init.name not in graph.initializers:
+                graph.register_initializer(init)
+        was_output, name = out.is_graph_output(), out.name
+        ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
+        if was_output:
+            out.name = f"{name}.replaced"
+            y.name = name
+        graph.remove(node, safe=True)
+        if do_merge and not u_node.outputs[0].uses():
+            graph.remove(u_node, safe=True)
+        stats["lowered"] += 1
+    if stats["lowered"]:
+        remove_unused_initializers(graph)
+        used = {n.domain for n in graph.all_nodes()}
+        if ONNX_DOMAIN not in used:
+            graph.opset_imports.pop(ONNX_DOMAIN, None)
+            model.opset_imports.pop(ONNX_DOMAIN, None)
+    return stats
+
+
+def remove_unused_initializers(graph: ir.Graph) -> int:
+    dead = [name for name, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()
+            and not v.is_graph_input()]
+    for name in dead:
+        del graph.initializers[name]
+    return len(dead)
+
+
+def store_weights_fp16(model: ir.Model, min_elements: int = 64) -> dict:
+    """fp32 initializers that are exactly fp16 values -> fp16 initializer + Cast(to=FLOAT). Returns byte counts."""
+    graph = model.graph
+    first = next(iter(graph), None)
+    saved = converted = 0
+    casts = []
+    for name, val in list(graph.initializers.items()):
+        if val.dtype != ir.DataType.FLOAT or val.const_value is None or val.is_graph_input():
+            continue
+        arr = val.const_value.numpy()
+        if arr.size < min_elements:
+            continue
+        half = arr.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), arr, equal_nan=True):
+            continue
+        new_init = ir.Value(name=name + ".fp16", shape=val.shape, type=ir.TensorType(ir.DataType.FLOAT16),
+                            const_value=ir.tensor(half, name=name + ".fp16"))
+        graph.register_initializer(new_init)
+        cast = ir.Node("", "Cast", [new_init], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)],
+                       name=name + ".cast_fp32")
+        cast.outputs[0].shape, cast.outputs[0].dtype = val.shape, ir.DataType.FLOAT
+        ir.convenience.replace_all_uses_with(val, cast.outputs[0])
+        del graph.initializers[name]
+        cast.outputs[0].name = name
+        casts.append(cast)
+        saved += arr.nbytes // 2
+        converted += 1
+    if casts:
+        if first is not None:
+            graph.insert_before(first, casts)
+        else:
+            graph.extend(casts)
+    return {"fp16_stored": converted, "bytes_saved": saved}

@@ -1,0 +1,281 @@
+"""Export a (ROCKET-compressed or dense) transformers model to ONNX with ``torch.onnx.export(dynamo=True)``.
+
+Decoders get one ``model.onnx`` with a KV cache and the Optimum I/O names::
+
+    inputs : input_ids [batch, seq] int64, attention_mask [batch, past+seq] int64, position_ids [batch, seq] int64,
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]   (past may be 0)
+    outputs: logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+
+Encoders: ``input_ids``, ``attention_mask`` -> ``last_hidden_state``.
+
+Targets: ``trt`` keeps the sparse V product as the ``rocket.RocketSparseVMatMul`` node (the TensorRT plugin);
+``ort`` lowers it to standard ops (:mod:`rocket_deploy.export.lowering`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from rocket_deploy.rocket_linear import RocketLinear
+from rocket_deploy.targets import set_module
+
+from .rocket_op import ExportRocketLinear, custom_translation_table
+
+TARGETS = ("ort", "trt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+OPSET = 18
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024 ** 3)
+EXPORT_INFO = "export.json"
+
+
+class ExportError(RuntimeError):
+    """The export or its validation failed; the message says why and what to change."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: str                      # the .onnx file
+    target: str
+    dtype: str
+    is_decoder: bool
+    input_names: list[str]
+    output_names: list[str]
+    file_bytes: int                # model.onnx + external data
+    stats: dict[str, Any]
+    validation: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def is_decoder_model(model: nn.Module) -> bool:
+    return hasattr(model, "lm_head") or "ForCausalLM" in type(model).__name__
+
+
+def decoder_geometry(config) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a decoder config."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(layers), int(kv), int(head_dim)
+
+
+def io_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    if not is_decoder_model(model):
+        return ["input_ids", "attention_mask"], ["last_hidden_state"]
+    n, _, _ = decoder_geometry(model.config)
+    past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class DecoderWrapper(nn.Module):
+    """Flat tensors in / out around a causal LM with a DynamicCache (what torch.export traces)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layers = decoder_geometry(model.config)[0]
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+class EncoderWrapper(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@contextlib.contextmanager
+def export_modules(model: nn.Module):
+    """Temporarily replace every RocketLinear by :class:`ExportRocketLinear` (the custom op)."""
+    swapped = [(n, m) for n, m in model.named_modules() if isinstance(m, RocketLinear)]
+    for name, mod in swapped:
+        set_module(model, name, ExportRocketLinear(mod))
+    try:
+        yield len(swapped)
+    finally:
+        for name, mod in swapped:
+            set_module(model, name, mod)
+
+
+@contextlib.contextmanager
+def _attn_implementation(model: nn.Module, impl: str):
+    cfgs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    old = [c._attn_implementation for c in cfgs]
+    for c in cfgs:
+        with contextlib.suppress(Exception):
+            c._attn_implementation = impl
+    try:
+        yield
+    finally:
+        for c, o in zip(cfgs, old):
+            with contextlib.suppress(Exception):
+                c._attn_implementation = o
+
+
+def example_inputs(model: nn.Module, batch: int = 2, seq: int = 3, past: int = 4, dtype=torch.float32):
+    """Tracing inputs: sizes >= 2 so that torch.export keeps every axis symbolic."""
+    vocab = int(getattr(model.config, "vocab_size", 100))
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    if not is_decoder_model(model):
+        return (ids, torch.ones(batch, seq, dtype=torch.int64))
+    n, kv, hd = decoder_geometry(model.config)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    pos = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
+    pkv = [torch.zeros(batch, kv, past, hd, dtype=dtype) for _ in range(2 * n)]
+    return (ids, mask, pos, pkv)
+
+
+def dynamic_shapes(model: nn.Module):
+    Dim = torch.export.Dim
+    batch, seq = Dim("batch"), Dim("sequence_length")
+    if not is_decoder_model(model):
+        return ({0: batch, 1: seq}, {0: batch, 1: seq})
+    n = decoder_geometry(model.config)[0]
+    past = Dim("past_sequence_length", min=0)
+    total = Dim("total_sequence_length")
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, [{0: batch, 2: past} for _ in range(2 * n)])
+
+
+def onnx_file_bytes(path: str) -> int:
+    """Bytes of an ONNX file plus every external-data file it references."""
+    import onnx
+    total = os.path.getsize(path)
+    m = onnx.load(path, load_external_data=False)
+    files = set()
+    for init in m.graph.initializer:
+        for e in init.external_data:
+            if e.key == "location":
+                files.add(e.value)
+    d = os.path.dirname(os.path.abspath(path))
+    return total + sum(os.path.getsize(os.path.join(d, f)) for f in files if os.path.isfile(os.path.join(d, f)))
+
+
+def _torch_export(model: nn.Module, dtype: torch.dtype, verbose: bool):
+    wrapper = DecoderWrapper(model) if is_decoder_model(model) else EncoderWrapper(model)
+    inputs, outputs = io_names(model)
+    args = example_inputs(model, dtype=dtype)
+    import logging
+    onnx_log = logging.getLogger("torch.onnx")
+    old_level = onnx_log.level
+    with torch.no_grad(), warnings.catch_warnings(), _attn_implementation(model, "sdpa"), \
+            contextlib.redirect_stdout(None if verbose else open(os.devnull, "w")), \
+            contextlib.ExitStack() as stack:
+        warnings.simplefilter("ignore")
+        if not verbose:
+            onnx_log.setLevel(logging.ERROR)
+            stack.callback(onnx_log.setLevel, old_level)
+        prog = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes(model),
+                                 input_names=inputs, output_names=outputs, opset_version=OPSET,
+                                 custom_translation_table=custom_translation_table(), verbose=verbose,
+                                 report=False, optimize=True)
+    return prog, inputs, outputs
+
+
+def export_model(model: nn.Module, out_dir: str, *, target: str = "ort", dtype: str = "fp32", tokenizer=None,
+                 external_data: bool | None = None, merge: str = "auto", weights_fp16: bool = True,
+                 validate: bool = True, overwrite: bool = False, verbose: bool = False,
+                 reference: nn.Module | None = None, extra_info: dict | None = None) -> ExportResult:
+    """Export ``model`` into ``out_dir/model.onnx`` (+ ``model.onnx.data`` when external, tokenizer, export.json).
+
+    ``model`` computes in fp32 (the reference for validation); ``dtype="fp16"`` exports an fp16 copy.
+    ``external_data``: None = automatic (models above ~1.5 GB), True = always, False = never.
+    ``merge`` / ``weights_fp16``: ort-target options of :func:`lower_rocket_nodes` / :func:`store_weights_fp16`.
+    """
+    import onnx_ir as ir
+
+    from rocket_deploy.artifact import atomic_directory
+    from .lowering import lower_rocket_nodes, rocket_nodes, store_weights_fp16
+    if target not in TARGETS:
+        raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    t0 = time.perf_counter()
+    model = model.eval()
+    ref = reference if reference is not None else model
+    tdtype = DTYPES[dtype]
+    src = model if next(model.parameters()).dtype == tdtype else copy.deepcopy(model).to(tdtype)
+    with export_modules(src) as n_rocket:
+        prog, inputs, outputs = _torch_export(src, tdtype, verbose)
+    del src
+    ir_model = prog.model
+    stats: dict[str, Any] = {"rocket_layers": n_rocket, "rocket_nodes": len(rocket_nodes(ir_model.graph)),
+                             "opset": OPSET}
+    if target == "ort":
+        stats["lowering"] = lower_rocket_nodes(ir_model, merge=merge)
+        if weights_fp16 and dtype == "fp32":
+            stats["storage"] = store_weights_fp16(ir_model)
+    ir_model.producer_name = "rocket-deploy"
+    meta = {"rocket.target": target, "rocket.dtype": dtype, "rocket.is_decoder": str(is_decoder_model(model)).lower()}
+    for k, v in meta.items():
+        ir_model.metadata_props[k] = v
+    est = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+    use_external = external_data if external_data is not None else est > EXTERNAL_DATA_THRESHOLD
+    with atomic_directory(out_dir, overwrite) as tmp:
+        path = os.path.join(tmp, MODEL_FILE)
+        ir.save(ir_model, path, external_data=DATA_FILE if use_external else None)
+        del prog, ir_model
+        if tokenizer is not None:
+            with contextlib.suppress(Exception):
+                tokenizer.save_pretrained(tmp)
+        with contextlib.suppress(Exception):
+            model.config.save_pretrained(tmp)
+        final = os.path.join(os.path.abspath(out_dir), MODEL_FILE)
+        result = ExportResult(final, target, dtype, is_decoder_model(model), inputs, outputs,
+                              onnx_file_bytes(path), stats)
+        check_onnx(path, target)
+        if validate:
+            from .validate import validate_export
+            result.validation = validate_export(path, ref, target=target, dtype=dtype)
+        result.seconds = round(time.perf_counter() - t0, 2)
+        info = {**result.to_dict(), "external_data": use_external, **(extra_info or {})}
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=1, default=float)
+    return result
+
+
+def check_onnx(path: str, target: str) -> None:
+    """``onnx.checker`` on the saved graph; the ``rocket`` domain op is registered first (trt target)."""
+    import onnx
+    from .schema import register_rocket_schema
+    register_rocket_schema()
+    try:
+        onnx.checker.check_model(path, full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the exported graph ({target} target): {e}") from e
+
+
+def export_artifact(artifact: str, out_dir: str, *, target: str = "ort", dtype: str = "fp32", **kw) -> ExportResult:
+    """Load a ROCKET artifact (fp32) and export it (see :func:`export_model`)."""
+    from rocket_deploy.artifact import load_artifact, read_manifest
+    manifest = read_manifest(artifact)
+    model, tokenizer, manifest = load_artifact(artifact, dtype=torch.float32)
+    info = {"artifact": os.path.abspath(artifact), "budget": manifest.get("budget", {}).get("target_removed_fraction")}
+    return export_model(model, out_dir, target=target, dtype=dtype, tokenizer=tokenizer, extra_info=info, **kw)

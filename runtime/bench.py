@@ -1,0 +1,167 @@
+"""Latency / throughput measurement over any :class:`Engine` (pure measurement code; no printing).
+
+A "generation" is one prefill of ``prompt_len`` random tokens (empty KV cache) followed by ``gen_len - 1`` greedy
+decode steps, for a batch of ``batch`` sequences. Per batch size we report the full-generation latency
+(min / mean / median / p90 / p99 over ``runs``), the prefill time, the decode throughput (generated tokens per second
+of decode time, all sequences of the batch counted), the model's bytes and the process's peak RSS (high-water mark;
+plus the CUDA allocator's peak where torch uses a GPU). Encoders: one pass over ``[batch, prompt_len]`` tokens.
+
+:func:`bench_side_by_side` interleaves the runs of several engines (A B C A B C ...), so that a shared or throttling
+machine slows all of them alike -- use it to compare models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .engine import Engine
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    batches: tuple[int, ...] = (1,)
+    prompt_len: int = 128
+    gen_len: int = 64
+    warmup: int = 1
+    runs: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batches}")
+        if self.prompt_len < 1 or self.gen_len < 1:
+            raise ValueError("prompt_len and gen_len must be >= 1")
+        if self.warmup < 0 or self.runs < 1:
+            raise ValueError("warmup must be >= 0 and runs >= 1")
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set size."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def gpu_peak_bytes() -> int | None:
+    try:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return int(torch.cuda.max_memory_allocated())
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def _prompt(engine: Engine, batch: int, prompt_len: int, seed: int) -> np.ndarray:
+    vocab = 256
+    tok = getattr(engine, "tokenizer", None)
+    if tok is not None and getattr(tok, "vocab_size", None):
+        vocab = int(tok.vocab_size)
+    rng = np.random.default_rng(seed)
+    return rng.integers(4, max(vocab, 8), size=(batch, prompt_len), dtype=np.int64)
+
+
+def one_generation(engine: Engine, ids: np.ndarray, gen_len: int) -> dict[str, float]:
+    """Prefill + ``gen_len - 1`` greedy decode steps; returns seconds and generated tokens."""
+    batch = ids.shape[0]
+    mask = np.ones_like(ids)
+    t0 = time.perf_counter()
+    logits, past = engine.forward(ids, mask, None)
+    t1 = time.perf_counter()
+    if not engine.is_decoder:
+        return {"total_s": t1 - t0, "prefill_s": t1 - t0, "decode_s": 0.0, "decode_tokens": 0, "tokens": []}
+    nxt = logits[:, -1].argmax(-1).reshape(batch, 1).astype(np.int64)
+    tokens = [nxt[:, 0].copy()]
+    for _ in range(gen_len - 1):
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        logits, past = engine.forward(nxt, mask, past)
+        nxt = logits[:, -1].argmax(-1).reshape(batch, 1).astype(np.int64)
+        tokens.append(nxt[:, 0].copy())
+    t2 = time.perf_counter()
+    return {"total_s": t2 - t0, "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": batch * (gen_len - 1),
+            "tokens": np.stack(tokens, 1)}
+
+
+def summarize(samples: list[dict[str, float]], batch: int, cfg: BenchConfig, encoder: bool) -> dict[str, Any]:
+    tot = np.array([s["total_s"] for s in samples]) * 1e3
+    pre = np.array([s["prefill_s"] for s in samples]) * 1e3
+    dec = np.array([s["decode_s"] for s in samples])
+    ntok = samples[0]["decode_tokens"]
+    row = {"batch": batch, "prompt_len": cfg.prompt_len, "gen_len": 0 if encoder else cfg.gen_len,
+           "runs": len(samples), "latency_ms_min": float(tot.min()), "latency_ms_mean": float(tot.mean()),
+           "latency_ms_median": float(np.median(tot)), "latency_ms_p90": float(np.percentile(tot, 90)),
+           "latency_ms_p99": float(np.percentile(tot, 99)), "prefill_ms_median": float(np.median(pre))}
+    if encoder:
+        row["tokens_per_s"] = batch * cfg.prompt_len / float(np.median(tot) / 1e3)
+        row["decode_tokens_per_s"] = None
+        row["decode_ms_per_step"] = None
+    else:
+        med = float(np.median(dec))
+        row["decode_tokens_per_s"] = ntok / med if med > 0 else None
+        row["decode_ms_per_step"] = med * 1e3 / max(cfg.gen_len - 1, 1)
+        row["prefill_tokens_per_s"] = batch * cfg.prompt_len / float(np.median(pre) / 1e3)
+    return row
+
+
+def bench_side_by_side(engines: Mapping[str, Engine], cfg: BenchConfig = BenchConfig(),
+                       progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Benchmark several engines with interleaved runs. Returns ``{name: {"rows": [...], "model_bytes", ...}}``."""
+    results: dict[str, dict[str, Any]] = {n: {"backend": e.backend, "model_bytes": int(e.model_bytes()),
+                                              "is_decoder": bool(e.is_decoder), "rows": []}
+                                          for n, e in engines.items()}
+    for batch in cfg.batches:
+        ids = {n: _prompt(e, batch, cfg.prompt_len, cfg.seed) for n, e in engines.items()}
+        for n, e in engines.items():
+            for _ in range(cfg.warmup):
+                one_generation(e, ids[n], cfg.gen_len)
+        samples: dict[str, list] = {n: [] for n in engines}
+        for r in range(cfg.runs):
+            for n, e in engines.items():
+                samples[n].append(one_generation(e, ids[n], cfg.gen_len))
+            if progress:
+                progress(f"batch {batch}: run {r + 1}/{cfg.runs}")
+        for n, e in engines.items():
+            row = summarize(samples[n], batch, cfg, not e.is_decoder)
+            results[n]["rows"].append(row)
+    peak, gpu = peak_rss_bytes(), gpu_peak_bytes()
+    for res in results.values():
+        res["peak_rss_bytes"] = peak
+        res["gpu_peak_bytes"] = gpu
+    return results
+
+
+def bench_engine(engine: Engine, cfg: BenchConfig = BenchConfig(), progress=None) -> dict[str, Any]:
+    """Benchmark one engine (see module doc)."""
+    return bench_side_by_side({"model": engine}, cfg, progress)["model"]
+
+
+def greedy_tokens(engine: Engine, prompt_ids: Sequence[int], steps: int) -> list[int]:
+    """Greedy continuation of one prompt through the engine's KV cache (for cross-backend equality checks)."""
+    ids = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
+    return [int(t) for t in one_generation(engine, ids, steps)["tokens"][0]]
+
+
+def open_for_bench(path: str, backend: str | None = None, threads: int | None = None, providers=None) -> Engine:
+    """Open ``path`` with the named backend (or the one its path implies)."""
+    import os
+    if backend is None:
+        from .engine import open_engine
+        return open_engine(path, **({"threads": threads} if path.endswith(".onnx") and threads else {}))
+    if backend == "ort":
+        from .ort_backend import OrtEngine
+        p = os.path.join(path, "model.onnx") if os.path.isdir(path) else path
+        return OrtEngine(p, threads=threads, providers=providers)
+    if backend == "torch":
+        from .torch_backend import TorchEngine
+        if not os.path.isdir(path):
+            raise ValueError(f"the torch backend runs an artifact directory; {path!r} is not a directory")
+        return TorchEngine.from_path(path)
+    if backend == "trt":
+        from .trt_backend import TrtEngine
+        return TrtEngine(path)
+    raise ValueError(f"unknown backend {backend!r}; choose ort, torch or trt")

@@ -1,0 +1,109 @@
+"""ONNX Runtime backend: runs an exported ``model.onnx`` (decoder with KV cache, or encoder) behind :class:`Engine`.
+
+Providers are chosen automatically (CUDA when ``onnxruntime-gpu`` offers it, then CPU) unless given. The KV cache is
+numpy: each call's ``present.*`` outputs become the next call's ``past_key_values.*`` inputs.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from .engine import Engine
+
+_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or list(avail)
+
+
+def onnx_model_bytes(path: str) -> int:
+    """The .onnx file plus its external data files."""
+    from rocket_deploy.export.onnx_export import onnx_file_bytes
+    return onnx_file_bytes(path)
+
+
+class OrtEngine(Engine):
+    backend = "ort"
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
+                 tokenizer=None, optimization: str = "all", load_tokenizer: bool = True):
+        import onnxruntime as ort
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"no ONNX model at {self.path!r}; export one with `rocket-deploy export`")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.log_severity_level = 3
+        self.providers = list(providers) if providers else default_providers()
+        self.session = ort.InferenceSession(self.path, so, providers=self.providers)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = sorted((n for n in self.inputs if _PAST_RE.match(n)),
+                                 key=lambda n: (int(_PAST_RE.match(n).group(1)), _PAST_RE.match(n).group(2) != "key"))
+        self.is_decoder = "logits" in self.output_names
+        if self.is_decoder:
+            self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+            missing = [n for n in self.present_names if n not in self.output_names]
+            if missing:
+                raise ValueError(f"{self.path}: outputs {missing[:2]} are missing; is this a rocket-deploy export?")
+            first = self.inputs[self.past_names[0]] if self.past_names else None
+            self.kv_dtype = _ORT_TYPES.get(first.type, np.float32) if first else np.float32
+            self.kv_shape = tuple(first.shape) if first else ()
+        elif "last_hidden_state" not in self.output_names:
+            raise ValueError(f"{self.path}: neither 'logits' nor 'last_hidden_state' is an output")
+        self.tokenizer = tokenizer
+        if tokenizer is None and load_tokenizer:
+            self.tokenizer = _load_tokenizer(os.path.dirname(os.path.abspath(self.path)))
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        _, heads, _, hd = self.kv_shape
+        return {n: np.zeros((batch, heads, 0, hd), dtype=self.kv_dtype) for n in self.past_names}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Any | None):
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if not self.is_decoder:
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self.inputs:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            return self.session.run(["last_hidden_state"], feeds)[0].astype(np.float32, copy=False), None
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self.inputs:
+            pos = np.cumsum(mask, axis=1) - 1
+            pos = np.where(mask == 0, 1, pos)[:, -ids.shape[1]:]
+            feeds["position_ids"] = np.ascontiguousarray(pos, dtype=np.int64)
+        feeds.update(self._empty_past(ids.shape[0]) if past is None else dict(zip(self.past_names, past)))
+        outs = self.session.run(["logits", *self.present_names], feeds)
+        return outs[0].astype(np.float32, copy=False), outs[1:]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def model_bytes(self) -> int:
+        return onnx_model_bytes(self.path)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _load_tokenizer(directory: str):
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception:  # noqa: BLE001 -- a missing / unreadable tokenizer only disables text prompts
+        return None

@@ -1,0 +1,314 @@
+"""ONNX export: both targets on tiny Llama / Qwen2 / Qwen3 / BERT, the custom node's contract, the standard-op
+lowering, validation (and its failures), the export CLI and the Triton repository."""
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rocket_deploy.cli import main
+from rocket_deploy.export import export_artifact, export_model
+from rocket_deploy.export.validate import ToleranceWarning, ValidationShapeError, validate_export
+from rocket_deploy.sparse_format import pack_v, unpack_v
+from rocket_deploy.testing import tiny_bert, tiny_llama
+
+from _rocket_fixtures import make_artifact, rocketize
+
+DECODER_INPUTS = ["input_ids", "attention_mask", "position_ids"]
+
+
+def tiny_bert_with_pooler():
+    import transformers as tf
+    b = tiny_bert()
+    m = tf.BertModel(b.config)
+    m.load_state_dict(b.state_dict(), strict=False)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_tok):
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for arch in ("llama", "qwen2", "qwen3"):
+        out[arch] = make_artifact(tiny_llama(arch=arch), tiny_tok, str(root / arch))
+    out["bert"] = make_artifact(tiny_bert_with_pooler(), tiny_tok, str(root / "bert"))
+    return out
+
+
+def _dims(vi):
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+
+
+def _inits(m):
+    return {i.name: i for i in m.graph.initializer}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_export_decoder_fp32(artifacts, arch, target, tmp_path):
+    res = export_artifact(artifacts[arch], str(tmp_path / "o"), target=target, dtype="fp32")
+    v = res.validation
+    assert v["passed"], v
+    assert [s["step"] for s in v["steps"]] == ["prefill (empty past)", "decode (past 7)"]
+    for s in v["steps"]:
+        assert all(o["max_rel"] < 1e-4 for o in s["outputs"])
+    m = onnx.load(res.path)
+    ins = [i.name for i in m.graph.input if i.name not in _inits(m)]
+    n = 2
+    assert ins == DECODER_INPUTS + [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    assert [o.name for o in m.graph.output] == ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
+    byname = {i.name: i for i in m.graph.input}
+    ids, past = _dims(byname["input_ids"]), _dims(byname["past_key_values.0.key"])
+    assert all(isinstance(d, str) for d in ids)                        # dynamic batch and sequence
+    assert isinstance(past[0], str) and isinstance(past[2], str) and past[1] == 2 and past[3] == 16
+    rocket = [nd for nd in m.graph.node if nd.domain == "rocket"]
+    if target == "trt":
+        assert len(rocket) == 14 and res.stats["rocket_nodes"] == 14
+    else:
+        assert not rocket and all(o.domain in ("", "ai.onnx") for o in m.opset_import)
+        assert res.stats["lowering"]["lowered"] == 14
+        assert res.stats["lowering"]["dense_v"] > 0 and res.stats["lowering"]["sparse_v"] > 0
+
+
+def test_trt_node_contract(artifacts, tmp_path):
+    res = export_artifact(artifacts["qwen2"], str(tmp_path / "o"), target="trt", dtype="fp32", validate=False)
+    m = onnx.load(res.path)
+    inits = _inits(m)
+    manifest = json.load(open(os.path.join(artifacts["qwen2"], "rocket.json")))["layers"]
+    nodes = [nd for nd in m.graph.node if nd.op_type == "RocketSparseVMatMul"]
+    assert len(nodes) == len(manifest)
+    seen_dense = seen_sparse = False
+    for nd in nodes:
+        assert nd.domain == "rocket"
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in nd.attribute}
+        assert a["plugin_version"] == b"1" and a["plugin_namespace"] == b"rocket" and a["value_type"] == 0
+        assert len(nd.input) == 3                                       # t, values, mask (no scales at value_type 0)
+        t, values, mask = nd.input
+        assert t not in inits and values in inits and mask in inits
+        layer = values[len("model."):].removesuffix(".v_values")
+        rec = manifest[layer]
+        assert (a["rank"], a["keep"], a["out_features"]) == (rec["rank"], rec["keep"], rec["d_out"])
+        vt, mt = onnx.numpy_helper.to_array(inits[values]), onnx.numpy_helper.to_array(inits[mask])
+        assert vt.shape == (rec["d_out"], rec["keep"]) and vt.dtype == np.float32
+        assert mt.shape == (rec["d_out"], (rec["rank"] + 7) // 8) and mt.dtype == np.uint8
+        if rec["keep"] == rec["rank"]:
+            seen_dense = True
+            assert (np.unpackbits(mt, axis=1, bitorder="little")[:, :rec["rank"]] == 1).all()
+        else:
+            seen_sparse = True
+            assert (np.unpackbits(mt, axis=1, bitorder="little").sum(1) == rec["keep"]).all()
+        # the U product stays a plain MatMul feeding t
+        prod = next(p for p in m.graph.node if t in p.output)
+        assert prod.op_type == "MatMul" and prod.input[1].endswith(".u")
+    assert seen_dense and seen_sparse
+    # onnx.checker accepts the graph with the rocket domain registered, and knows the op's schema
+    from rocket_deploy.export.schema import register_rocket_schema
+    register_rocket_schema()
+    onnx.checker.check_model(m)
+    assert onnx.defs.get_schema("RocketSparseVMatMul", 1, "rocket").domain == "rocket"
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_export_fp16(artifacts, target, tmp_path):
+    res = export_artifact(artifacts["llama"], str(tmp_path / "o"), target=target, dtype="fp16")
+    assert res.validation["passed"] and res.validation["tolerance"]["rtol"] > 1e-3
+    m = onnx.load(res.path)
+    byname = {i.name: i for i in m.graph.input}
+    assert byname["past_key_values.0.key"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    if target == "trt":
+        vals = [i for i in m.graph.initializer if i.name.endswith(".v_values")]
+        assert vals and all(i.data_type == onnx.TensorProto.FLOAT16 for i in vals)   # strongly typed fp16
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_export_bert(artifacts, target, tmp_path):
+    res = export_artifact(artifacts["bert"], str(tmp_path / "o"), target=target)
+    assert res.validation["passed"] and not res.is_decoder
+    m = onnx.load(res.path)
+    assert [i.name for i in m.graph.input if i.name not in _inits(m)] == ["input_ids", "attention_mask"]
+    assert [o.name for o in m.graph.output] == ["last_hidden_state"]
+    assert sum(nd.op_type == "RocketSparseVMatMul" for nd in m.graph.node) == (12 if target == "trt" else 0)
+
+
+def test_ort_file_is_small(artifacts, tmp_path):
+    """The ort file keeps V packed and weights in fp16 (cast at session start): about the artifact's size."""
+    a = artifacts["llama"]
+    ort_res = export_artifact(a, str(tmp_path / "ort"), target="ort", validate=False)
+    trt_res = export_artifact(a, str(tmp_path / "trt"), target="trt", validate=False)
+    from safetensors.torch import load_file
+    art = sum(t.numel() * t.element_size() for f in ("factors.safetensors", "model.safetensors")
+              for t in load_file(os.path.join(a, f)).values())
+
+    def init_bytes(path):
+        return sum(onnx.numpy_helper.to_array(i).nbytes for i in onnx.load(path).graph.initializer)
+    # tiny models: the graph itself dominates the file, so compare the weights it stores
+    assert init_bytes(ort_res.path) < 1.1 * art
+    assert init_bytes(ort_res.path) < 0.6 * init_bytes(trt_res.path)   # trt fp32 stores fp32 values
+
+
+def test_external_data(artifacts, tmp_path):
+    res = export_artifact(artifacts["llama"], str(tmp_path / "o"), external_data=True)
+    data = os.path.join(os.path.dirname(res.path), "model.onnx.data")
+    m = onnx.load(res.path, load_external_data=False)
+    ext = [i for i in m.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(ext) > 20 and os.path.getsize(data) > 100_000
+    assert res.file_bytes == os.path.getsize(res.path) + os.path.getsize(data)
+    assert res.validation["passed"]
+
+
+def _single_node_model(rank, keep, d_in, d_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(rank, d_out, generator=g)
+    if keep < rank:
+        idx = torch.rand(rank, d_out, generator=g).argsort(0)[:keep]
+        km = torch.zeros(rank, d_out, dtype=torch.bool).scatter_(0, idx, True)
+    else:
+        km = torch.ones(rank, d_out, dtype=torch.bool)
+    values, mask = pack_v(v, km)
+    u = torch.randn(d_in, rank, generator=g)
+    h, nh = onnx.helper, onnx.numpy_helper
+    nodes = [h.make_node("MatMul", ["x", "u"], ["t"]),
+             h.make_node("RocketSparseVMatMul", ["t", "v_values", "v_mask"], ["y"], domain="rocket", rank=rank,
+                         keep=keep, out_features=d_out, value_type=0, plugin_version="1", plugin_namespace="rocket")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", d_in])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", d_out])],
+                         [nh.from_array(u.numpy(), "u"), nh.from_array(values.numpy(), "v_values"),
+                          nh.from_array(mask.numpy(), "v_mask")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("rocket", 1)])
+    dense_v = unpack_v(values, mask, rank)
+    return model, u, dense_v
+
+
+@pytest.mark.parametrize("rank,keep", [(24, 24), (24, 7), (13, 5), (8, 1)])
+@pytest.mark.parametrize("merge", ["never", "always"])
+def test_lowering_matches_reference(rank, keep, merge):
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from rocket_deploy.export.lowering import lower_rocket_nodes
+    model, u, dense_v = _single_node_model(rank, keep, 20, 33, seed=rank * 100 + keep)
+    im = ir.from_proto(model)
+    stats = lower_rocket_nodes(im, merge=merge)
+    assert stats["lowered"] == 1 and stats["merged"] == (1 if merge == "always" else 0)
+    proto = ir.to_proto(im)
+    onnx.checker.check_model(proto)
+    assert not any(nd.domain == "rocket" for nd in proto.graph.node)
+    x = np.random.default_rng(0).standard_normal((3, 20)).astype(np.float32)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        y = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        ref = (torch.from_numpy(x).double() @ u.double() @ dense_v.double()).numpy()
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_storage_is_lossless():
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from rocket_deploy.export.lowering import store_weights_fp16
+    h, nh = onnx.helper, onnx.numpy_helper
+    w16 = np.random.default_rng(1).standard_normal((40, 30)).astype(np.float16).astype(np.float32)
+    w32 = np.random.default_rng(2).standard_normal((40, 30)).astype(np.float32)          # not fp16-exact
+    g = h.make_graph([h.make_node("MatMul", ["x", "a"], ["t"]), h.make_node("MatMul", ["x", "b"], ["s"]),
+                      h.make_node("Add", ["t", "s"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 40])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 30])],
+                     [nh.from_array(w16, "a"), nh.from_array(w32, "b")])
+    im = ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 18)]))
+    st = store_weights_fp16(im)
+    assert st["fp16_stored"] == 1 and st["bytes_saved"] == w16.nbytes // 2
+    proto = ir.to_proto(im)
+    kinds = {i.name: i.data_type for i in proto.graph.initializer}
+    assert kinds["a.fp16"] == onnx.TensorProto.FLOAT16 and kinds["b"] == onnx.TensorProto.FLOAT
+    x = np.random.default_rng(3).standard_normal((2, 40)).astype(np.float32)
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, x @ w16 + x @ w32)
+
+
+def test_validation_catches_wrong_weights(artifacts, tmp_path):
+    res = export_artifact(artifacts["llama"], str(tmp_path / "o"), target="trt", validate=False)
+    m = onnx.load(res.path)
+    init = next(i for i in m.graph.initializer if i.name.endswith("layers.0.self_attn.q_proj.v_values"))
+    arr = onnx.numpy_helper.to_array(init) * 3.0
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    bad = str(tmp_path / "bad.onnx")
+    onnx.save(m, bad)
+    from rocket_deploy.artifact import load_artifact
+    model = load_artifact(artifacts["llama"])[0]
+    with pytest.warns(ToleranceWarning, match="EXPORT VALIDATION FAILED"):
+        rep = validate_export(bad, model, target="trt")
+    assert not rep["passed"]
+    other = tiny_llama(vocab_size=320)             # same layout, other vocab: logits shape differs -> error
+    rocketize(other)
+    with pytest.raises(ValidationShapeError, match="logits"):
+        validate_export(res.path, other, target="trt")
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
+def run(args):
+    return CliRunner().invoke(main, args)
+
+
+def last_json(r):
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_cli_export_and_triton(artifacts, tmp_path):
+    out, repo = str(tmp_path / "onnx"), str(tmp_path / "triton")
+    r = run(["export", artifacts["llama"], "--out", out, "--triton-repo", repo, "--triton-name", "smol"])
+    assert r.exit_code == 0, r.output
+    assert "PASSED" in r.output and "prefill (empty past)" in r.output
+    j = last_json(r)
+    assert j["passed"] and j["target"] == "ort" and j["bytes"] > 0 and j["max_rel"] < 1e-4
+    for f in ("model.onnx", "export.json", "tokenizer.json", "config.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    cfg = open(os.path.join(repo, "smol", "config.pbtxt")).read()
+    assert 'name: "smol"' in cfg and 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg
+    assert "dynamic_batching" not in cfg                              # KV-cache models: off
+    assert 'name: "past_key_values.1.value"' in cfg and "dims: [ -1, 2, -1, 16 ]" in cfg
+    assert 'name: "logits"' in cfg and "dims: [ -1, -1, 512 ]" in cfg and "TYPE_FP32" in cfg
+    assert "instance_group" in cfg
+    assert os.path.isfile(os.path.join(repo, "smol", "1", "model.onnx"))
+    # exists without --overwrite: error naming the fix; with it: fine
+    r = run(["export", artifacts["llama"], "--out", out])
+    assert r.exit_code == 1 and "--overwrite" in r.output and "Traceback" not in r.output
+    r = run(["export", artifacts["llama"], "--out", out, "--overwrite", "--target", "trt", "--dtype", "fp16",
+             "--triton-repo", repo, "--triton-name", "smol", "--json"])
+    assert r.exit_code == 0, r.output
+    j = last_json(r)
+    assert j["target"] == "trt" and j["dtype"] == "fp16" and j["passed"]
+    cfg = open(os.path.join(repo, "smol", "config.pbtxt")).read()
+    assert 'platform: "tensorrt_plan"' in cfg and "TYPE_FP16" in cfg
+    assert os.path.isfile(os.path.join(repo, "smol", "1", "BUILD_PLAN.txt"))
+
+
+def test_cli_encoder_triton_has_dynamic_batching(artifacts, tmp_path):
+    repo = str(tmp_path / "triton")
+    r = run(["export", artifacts["bert"], "--out", str(tmp_path / "b"), "--triton-repo", repo, "--json"])
+    assert r.exit_code == 0, r.output
+    cfg = open(os.path.join(repo, "b", "config.pbtxt")).read()
+    assert "max_batch_size: 8" in cfg and "dynamic_batching" in cfg and "dims: [ -1, 64 ]" in cfg
+
+
+def test_cli_export_errors(tmp_path, tiny_llama_dir, artifacts):
+    r = run(["export", tiny_llama_dir, "--out", str(tmp_path / "x")])      # a HF directory, not an artifact
+    assert r.exit_code == 2 and "not a rocket-deploy artifact" in r.output and "Traceback" not in r.output
+    r = run(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not a directory" in r.output
+    r = run(["export", artifacts["llama"], "--out", str(tmp_path / "x"), "--target", "tensorrt"])
+    assert r.exit_code == 2 and "--target" in r.output and "'ort'" in r.output
+    r = run(["export", artifacts["llama"], "--out", str(tmp_path / "x"), "--dtype", "bf16"])
+    assert r.exit_code == 2 and "--dtype" in r.output
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_export_dense(tiny_llama_dir, tmp_path):
+    r = run(["export", tiny_llama_dir, "--dense", "--out", str(tmp_path / "d"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert last_json(r)["passed"]
+    m = onnx.load(str(tmp_path / "d" / "model.onnx"))
+    assert not any(nd.domain == "rocket" for nd in m.graph.node)
