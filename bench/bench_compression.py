@@ -31,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--gram-damping", type=float, default=None, help="RocketConfig.gram_damping (default: the config's)")
     ap.add_argument("--safeguard", action="store_true", help="let ROCKET fall back to uniform when better")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--plot", default=None, help="PNG of perplexity against budget")
@@ -61,7 +62,8 @@ def main(argv=None):
     objectives = args.objectives.split(",")
     with tempfile.TemporaryDirectory() as cache:
         t = time.perf_counter()
-        prof = run_profile(lm.model, lm.tokenizer, RocketConfig(), cal, data=data, cache_dir=cache, progress=False)
+        base = RocketConfig() if args.gram_damping is None else RocketConfig(gram_damping=args.gram_damping)
+        prof = run_profile(lm.model, lm.tokenizer, base, cal, data=data, cache_dir=cache, progress=False)
         timings["profile_s"] = time.perf_counter() - t
         rows = []
         for b in budgets:
@@ -70,7 +72,7 @@ def main(argv=None):
                 for obj in (objectives if m == "rocket" else [objectives[0]]):
                     runs.append((m, obj))
             for method, obj in runs:
-                cfg = RocketConfig(budget=b, method=method, objective=obj, safeguard=args.safeguard)
+                cfg = base.replace(budget=b, method=method, objective=obj, safeguard=args.safeguard)
                 t = time.perf_counter()
                 res = compress(lm.model, lm.tokenizer, cfg, cal, data=data, profile=prof, progress=False)
                 tc = time.perf_counter() - t

@@ -102,7 +102,11 @@ def allocate(profile: Profile, config: RocketConfig, budget: float | None = None
         if alpha is None:
             allowed = [list(range(len(o))) for o in per_opts]
         else:
-            allowed = capped_options(per_err, reference, alpha, [[o.dense for o in opts] for opts in per_opts])
+            # Never capped: the dense option -- or, when a quantized dense option (error > 0) was Pareto-dominated,
+            # the layer's lowest-error option, so that no layer is left without options.
+            keep = [[o.dense or (not any(x.dense for x in opts) and e == min(errs)) for o, e in zip(opts, errs)]
+                    for opts, errs in zip(per_opts, per_err)]
+            allowed = capped_options(per_err, reference, alpha, keep)
         costs = [[per_opts[g][o].bytes for o in allowed[g]] for g in range(len(names))]
         errs = [[per_err[g][o] for o in allowed[g]] for g in range(len(names))]
         try:

@@ -269,6 +269,9 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
     if config.method != "dense-quant" and prof.grid.get("quantize") != config.quantize:
         raise ValueError(f"the profile was made with quantize={prof.grid.get('quantize')!r} but the config asks for "
                          f"quantize={config.quantize!r}; profile again with the same quantize setting")
+    if prof.grid.get("gram_damping", 0.0) != config.gram_damping:
+        raise ValueError(f"the profile was made with gram_damping={prof.grid.get('gram_damping', 0.0)!r} but the config "
+                         f"asks for gram_damping={config.gram_damping!r}; profile again with the same setting")
     try:
         t1 = time.perf_counter()
         targets = select_targets(model, config.targets, config.exclude)

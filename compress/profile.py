@@ -23,7 +23,7 @@ from rocket_deploy.targets import block_targets, find_blocks
 from .calibration import GramAccumulator, capture_block_inputs
 from .candidates import candidate_grid
 from .factorize import Eigenbasis, eigenbasis, factorize
-from .whitening import inverse_upper, whitening_factor
+from .whitening import damped_gram, inverse_upper, whitening_factor
 
 PROFILE_VERSION = 1
 
@@ -184,7 +184,7 @@ def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: to
         factors = {}
         for gname, gram in acc.grams.items():
             # Mean over tokens: the factorization is invariant to the Gram's scale, and errors become per token.
-            s, jitter = whitening_factor(gram.cpu() / acc.tokens[gname])
+            s, jitter = whitening_factor(damped_gram(gram.cpu() / acc.tokens[gname], config.gram_damping))
             s_inv = inverse_upper(s)
             factors[gname] = (s, s_inv, jitter)
             save_file({"s": s.float().contiguous(), "s_inv": s_inv.float().contiguous()}, os.path.join(cache_dir, _fname("group." + gname)))
@@ -206,7 +206,8 @@ def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: to
         del acc, factors
     grid = {"byte_fractions": list(config.byte_fractions), "keep_ratios": list(config.keep_ratios),
             "rank_multiple": config.rank_multiple, "importance_lambda": config.importance_lambda,
-            "oversparsify": config.oversparsify, "ridge_rel": config.ridge_rel}
+            "oversparsify": config.oversparsify, "ridge_rel": config.ridge_rel,
+            "gram_damping": config.gram_damping}
     if config.quantize:
         grid.update(quantize=config.quantize, quant_group_size=config.quant_group_size)
     if sensitivity:

@@ -8,6 +8,15 @@ class WhiteningError(RuntimeError):
     pass
 
 
+def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``H + damping * mean(diag H) * I`` (float64): the whitened error becomes ``||X dW||^2 + c ||dW||^2``,
+    which trades a little calibration-domain fidelity for robustness on inputs the calibration did not cover."""
+    g = gram.to(torch.float64)
+    if damping <= 0:
+        return g
+    return g + damping * float(torch.diagonal(g).mean()) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+
+
 def whitening_factor(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Tensor, float]:
     """Upper-triangular ``S`` with ``S^T S = gram + jitter I`` (float64).
 

@@ -11,6 +11,8 @@ Layout (see docs/format.md)::
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import json
 import os
 import shutil
@@ -96,8 +98,10 @@ def save_artifact(out_dir: str, model: torch.nn.Module, tokenizer, manifest: dic
     storage = _dtype(manifest.get("storage_dtype", "float16"))
     factors, untouched, tied = split_state(model, storage)
     version = artifact_format_version(any(isinstance(m, QUANT_MODULES) for m in model.modules()))
+    compressed = {n for n, m in model.named_modules() if isinstance(m, (RocketLinear, *QUANT_MODULES))}
+    kwargs = infer_architecture_kwargs(type(model), model.config, set(untouched) | set(tied), compressed)
     manifest = dict(manifest, format=FORMAT_NAME, format_version=version, tied=tied,
-                    architecture=type(model).__name__)
+                    architecture=type(model).__name__, architecture_kwargs=kwargs or {})
     with atomic_directory(out_dir, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -146,16 +150,70 @@ def _no_init():
             return contextlib.nullcontext()
 
 
-def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The model architecture with RocketLinear modules in place of the compressed layers (weights unset)."""
+def _init_flags(cls) -> dict[str, bool]:
+    """Boolean constructor arguments of a transformers model class besides ``config`` (``add_pooling_layer``...)."""
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return {}
+    return {n: p.default for n, p in sig.parameters.items()
+            if n not in ("self", "config") and isinstance(p.default, bool)
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _plain_keys(cls, config, kwargs: dict[str, Any], compressed: set[str]) -> set[str] | None:
+    """State keys of ``cls(config, **kwargs)`` outside the compressed layers; built on the meta device (no memory)."""
+    try:
+        with _no_init(), torch.device("meta"):
+            model = cls(config, **kwargs)
+    except Exception:  # noqa: BLE001 -- a combination the class rejects is simply not a candidate
+        return None
+    return {k for k in model.state_dict() if k.rpartition(".")[0] not in compressed}
+
+
+def infer_architecture_kwargs(cls, config, keys: set[str], compressed: set[str],
+                              max_flips: int = 2) -> dict[str, bool] | None:
+    """The boolean constructor arguments that rebuild the module tree whose plain (uncompressed) state keys are
+    ``keys``: ``{}`` when the defaults do, e.g. ``{"add_pooling_layer": False}`` for ``BertModel(config,
+    add_pooling_layer=False)``, ``None`` when no combination of at most ``max_flips`` flipped flags matches."""
+    flags = _init_flags(cls)
+    for n in range(min(max_flips, len(flags)) + 1):
+        for names in itertools.combinations(sorted(flags), n):
+            kwargs = {k: not flags[k] for k in names}
+            if _plain_keys(cls, config, kwargs, compressed) == keys:
+                return kwargs
+    return None
+
+
+def _compressed_names(manifest: dict[str, Any]) -> set[str]:
+    return {n for n, r in manifest["layers"].items() if r.get("quant") or r["kind"] == "rocket"}
+
+
+def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = torch.float32,
+                   saved_keys: set[str] | None = None) -> torch.nn.Module:
+    """The model architecture with RocketLinear modules in place of the compressed layers (weights unset).
+
+    The class is ``manifest["architecture"]``, built with ``manifest["architecture_kwargs"]`` (e.g.
+    ``add_pooling_layer=False``). Manifests written before that field existed: when ``saved_keys`` (the plain
+    tensor names in model.safetensors plus the tied aliases) are given and the defaults do not produce them, the
+    boolean constructor arguments that do are inferred."""
     import transformers
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = getattr(transformers, manifest["architecture"], None)
     if cls is None:
         raise ArtifactError(f"transformers {transformers.__version__} has no class {manifest['architecture']}")
+    kwargs = manifest.get("architecture_kwargs")
+    if kwargs is None:
+        kwargs = {}
+        if saved_keys is not None:
+            kwargs = infer_architecture_kwargs(cls, config, saved_keys, _compressed_names(manifest)) or {}
+    unknown = set(kwargs) - set(inspect.signature(cls.__init__).parameters)
+    if unknown:
+        raise ArtifactError(f"{manifest['architecture']} in transformers {transformers.__version__} takes no "
+                            f"argument {sorted(unknown)} recorded in {MANIFEST}")
     with _no_init():
-        model = cls(config)
+        model = cls(config, **kwargs)
     model = model.to(dtype)
     for name, rec in manifest["layers"].items():
         q = rec.get("quant")
@@ -180,8 +238,9 @@ def load_artifact(path: str, dtype: torch.dtype = torch.float32, device: str | t
     for fname in (FACTORS, UNTOUCHED):
         if not os.path.isfile(os.path.join(path, fname)):
             raise ArtifactError(f"{path!r} is missing {fname}; the artifact is incomplete, compress again")
-    model = build_skeleton(path, manifest, dtype)
     state = load_file(os.path.join(path, UNTOUCHED))
+    tied = manifest.get("tied", {})
+    model = build_skeleton(path, manifest, dtype, saved_keys=set(state) | set(tied))
     factors = load_file(os.path.join(path, FACTORS))
     for name, mod in model.named_modules():
         if isinstance(mod, RocketLinear):
@@ -199,7 +258,6 @@ def load_artifact(path: str, dtype: torch.dtype = torch.float32, device: str | t
                    for b in ("u", "v_values", "v_mask", "bias")}
     rocket_keys |= {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)
                     for b in quant_state_keys(m)}
-    tied = manifest.get("tied", {})
     missing = [k for k in missing if k not in rocket_keys and k not in tied]
     if missing or unexpected:
         raise ArtifactError(f"artifact does not match its architecture: missing {missing[:4]}, unexpected {unexpected[:4]}")

@@ -79,6 +79,7 @@ class RocketConfig:
     importance_lambda: float = 0.5
     oversparsify: float = 0.005
     ridge_rel: float = 1e-3
+    gram_damping: float = 0.0                    # add gram_damping * mean(diag H) * I to the per-token Gram (whitening)
     storage_dtype: str = "float16"
     safeguard: bool = True                       # keep uniform allocation if it beats the knapsack on held-out text
     quantize: str | None = None                  # None | int8 | fp8 | int4: quantize the factors (docs/quantization.md)
@@ -102,6 +103,8 @@ class RocketConfig:
         _check(0 <= self.importance_lambda <= 1, "importance_lambda must be in [0, 1]")
         _check(0 <= self.oversparsify < 0.5, "oversparsify must be in [0, 0.5)")
         _check(self.ridge_rel > 0, "ridge_rel must be > 0")
+        _check(isinstance(self.gram_damping, (int, float)) and 0 <= self.gram_damping <= 10,
+               f"gram_damping must be in [0, 10] (a fraction of the Gram's mean diagonal), got {self.gram_damping!r}")
         _check(self.storage_dtype in ("float16", "bfloat16"), "storage_dtype must be float16 or bfloat16")
         _check(self.quantize is None or self.quantize in QUANT_SCHEMES,
                f"quantize must be None or one of {QUANT_SCHEMES}, got {self.quantize!r}")

@@ -129,3 +129,66 @@ def test_public_api_one_call(tiny_tok, tmp_path):
     assert m["allocation"]["safeguard"]["chosen"] in ("knapsack", "uniform")
     assert os.path.isfile(os.path.join(res.path, "calibration-selfgen.jsonl"))
     assert isinstance(rd.load(res.path), torch.nn.Module)
+
+
+def _bert(kind: str):
+    import transformers as tf
+
+    from rocket_deploy.testing import tiny_bert
+    if kind == "BertModel-no-pooler":
+        return tiny_bert()
+    torch.manual_seed(1)
+    cfg = tiny_bert().config
+    if kind == "BertForSequenceClassification":
+        cfg.num_labels = 3
+    return getattr(tf, kind)(cfg).eval()
+
+
+def _drop_manifest_field(path: str, field: str) -> None:
+    mpath = os.path.join(path, "rocket.json")
+    m = json.load(open(mpath))
+    m.pop(field)
+    json.dump(m, open(mpath, "w"))
+
+
+@pytest.mark.parametrize("kind", ["BertModel-no-pooler", "BertModel", "BertForMaskedLM",
+                                  "BertForSequenceClassification"])
+def test_encoder_artifacts_rebuild_their_module_tree(kind, tmp_path):
+    """The skeleton is built with the constructor arguments the model was built with (add_pooling_layer=False);
+    manifests written before architecture_kwargs existed still load (the arguments are inferred from the keys)."""
+    from _rocket_fixtures import make_artifact
+    model = _bert(kind)
+    path = make_artifact(model, None, str(tmp_path / "a"))
+    m = read_manifest(path)
+    assert m["architecture"] == type(model).__name__
+    assert m["architecture_kwargs"] == ({"add_pooling_layer": False} if kind == "BertModel-no-pooler" else {})
+    ids = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+    for legacy in (False, True):
+        if legacy:
+            _drop_manifest_field(path, "architecture_kwargs")
+            assert "architecture_kwargs" not in read_manifest(path)
+        loaded = rd.load(path)
+        assert type(loaded) is type(model)
+        assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+        if kind.startswith("BertModel"):
+            assert (loaded.pooler is None) == (model.pooler is None)
+        with torch.no_grad():
+            out = loaded(input_ids=ids)
+        for k in ref.keys():
+            if isinstance(ref[k], torch.Tensor):
+                assert torch.equal(out[k], ref[k]), (kind, legacy, k)
+    if kind == "BertForMaskedLM":     # tied decoder stays tied
+        assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+
+
+def test_legacy_manifest_without_architecture_kwargs(setup, tiny_tok, tmp_path):
+    """Format-1 decoder artifacts written before the field existed load unchanged."""
+    model, data, prof = setup
+    res = compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False,
+                   out=str(tmp_path / "old"))
+    assert read_manifest(res.path)["architecture_kwargs"] == {}
+    _drop_manifest_field(res.path, "architecture_kwargs")
+    x = data.heldout.ids[:1]
+    assert torch.equal(rd.load(res.path)(x).logits, res.model(x).logits)

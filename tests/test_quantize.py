@@ -287,3 +287,18 @@ def test_cli_quantize(tiny_llama_dir, tmp_path):
     r = CliRunner().invoke(main, ["compress", tiny_llama_dir, "--method", "dense-quant", "--out",
                                   str(tmp_path / "bad"), *fast])
     assert r.exit_code == 1 and "dense-quant" in r.output and "Traceback" not in r.output
+
+
+def test_allocation_when_quantized_dense_option_is_dominated(tmp_path):
+    """A quantized dense option has error > 0 and may be Pareto-dominated by a factorized one; the per-layer cap
+    must still leave every layer an option (the lowest-error one)."""
+    from rocket_deploy.compress.profile import LayerOption, LayerProfile, Profile
+
+    def lp(name, errs, dense_err):
+        opts = [LayerOption(8, 8, b, 1, e, e, e) for b, e in zip((80, 40), errs)]
+        return LayerProfile(name, 10, 10, False, 200, name, 0.0, 1.0, opts, LayerOption(0, 0, 100, 100, dense_err,
+                                                                                          dense_err, dense_err))
+    prof = Profile({"a": lp("a", (0.9, 0.95), 1.0), "b": lp("b", (0.001, 0.002), 0.0005)}, str(tmp_path), {}, {})
+    alloc = allocate(prof, RocketConfig(budget=0.5, quantize="int8", objective="rel-original"))
+    assert alloc.choice["a"] is not None and alloc.choice["a"].rel_original == 0.9
+    assert alloc.total_bytes <= 200

@@ -9,7 +9,10 @@ from rocket_deploy.cli import COMMANDS, main
 
 
 def render() -> str:
-    ctx = click.Context(main, info_name="rocket-deploy", terminal_width=100, max_content_width=100)
+    # The group's context_settings (help_option_names) apply to every context, exactly as on the command line;
+    # click caches each command's help option, so building contexts without them would render order-dependent docs.
+    ctx = click.Context(main, info_name="rocket-deploy", terminal_width=100, max_content_width=100,
+                        **main.context_settings)
     parts = ["# CLI reference", "",
              "Generated from the commands' help by `python tools/gen_cli_docs.py`; every command is a thin wrapper "
              "over a library function. Errors name the problem and the fix and exit with status 1 (bad state) or 2 "
@@ -18,7 +21,7 @@ def render() -> str:
         cmd = main.get_command(ctx, name)
         if cmd is None:
             continue
-        sub = click.Context(cmd, info_name=f"rocket-deploy {name}", parent=ctx, terminal_width=100, max_content_width=100)
+        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=100, max_content_width=100)
         parts += [f"## `rocket-deploy {name}`", "", "```", cmd.get_help(sub), "```", ""]
     return "\n".join(parts)
 

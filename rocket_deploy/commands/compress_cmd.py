@@ -73,6 +73,7 @@ def get_profile(model, tokenizer, config, cal, data, profile_dir, quiet):
         same_grid = prof.grid.get("byte_fractions") == list(config.byte_fractions) and \
             prof.grid.get("keep_ratios") == list(config.keep_ratios) and \
             prof.grid.get("quantize") == config.quantize and \
+            prof.grid.get("gram_damping", 0.0) == config.gram_damping and \
             prof.grid.get("quant_group_size", config.quant_group_size) == config.quant_group_size
         if same_data and same_grid:
             if not quiet:
