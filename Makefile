@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 RD := $(VENV)/bin/rocket-deploy
 OUT ?= out
 
-.PHONY: setup test test-fast demo plugin trt-headers bench clean
+.PHONY: setup test test-fast test-gpu demo plugin trt-headers bench bench-kernels bench-export bench-quant clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The CUDA kernel / torch extension tests (skipped without a CUDA GPU and nvcc).
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
 demo: setup
 	$(RD) compress smollm2-135m --budget 0.3 --out $(OUT)/smollm2-0.3 --overwrite
 	$(RD) inspect $(OUT)/smollm2-0.3 --plot $(OUT)/smollm2-0.3-allocation.png
@@ -36,6 +40,18 @@ plugin: trt-headers
 
 bench: setup
 	$(PY) bench/bench_compression.py
+
+# Sparse V kernels vs copy bandwidth and cuBLAS (needs CUDA; exits 2 without it).
+bench-kernels: setup
+	$(PY) bench/bench_kernels.py
+
+# SmolLM2-135M on ONNX Runtime (CPU), dense vs ROCKET at budgets 0.2-0.5 (long: one profile, then every budget).
+bench-export: setup
+	$(PY) bench/bench_export_ort.py --out $(OUT)/bench-export-ort
+
+# Perplexity against bytes: fp16 / int8 / fp8 / int4, ROCKET and ROCKET + quantization; Pareto plot for the docs.
+bench-quant: setup
+	$(PY) bench/bench_quantization.py --plot docs/img/quantization-pareto.png
 
 clean:
 	rm -rf $(OUT) plugins_trt/build build *.egg-info

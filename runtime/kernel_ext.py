@@ -1,8 +1,10 @@
 """Build and load the torch extension of the ROCKET sparse V kernels (``rocket_ops``).
 
-The CUDA sources are the TensorRT plugin's: ``plugins_trt/kernels/rocketSparseVKernel.cu`` of the source checkout
-(``../plugins_trt/kernels`` from this file, since ``runtime/`` is ``rocket_deploy.runtime`` in an editable install) or
-``$ROCKET_KERNELS_DIR``. The binding is ``csrc/rocket_ops.cpp`` next to this file. The build runs once, with
+The CUDA sources are the TensorRT plugin's ``plugins_trt/kernels/rocketSparseVKernel.{cu,h}``: ``$ROCKET_KERNELS_DIR``
+if set, else ``csrc/kernels/`` next to this file in an installed wheel (pyproject.toml maps ``plugins_trt/kernels`` to
+the data package ``rocket_deploy.runtime.csrc.kernels``; git holds one copy), else ``../plugins_trt/kernels`` of the
+source checkout (an editable install, where ``runtime/`` is ``rocket_deploy.runtime``). The binding is
+``csrc/rocket_ops.cpp`` next to this file. The build runs once, with
 ``torch.utils.cpp_extension.load``, into ``$ROCKET_EXT_DIR`` (default ``~/.cache/rocket_deploy/torch_ext/<key>``,
 where the key covers the sources, torch and CUDA versions), and is reused afterwards.
 """
@@ -20,19 +22,29 @@ KERNEL_HEADER = "rocketSparseVKernel.h"
 _HERE = Path(__file__).resolve().parent
 
 
-def kernels_dir() -> Path:
-    """Folder holding rocketSparseVKernel.cu/.h (``$ROCKET_KERNELS_DIR`` or the checkout's plugins_trt/kernels)."""
+def kernel_dir_candidates(here: Path | None = None) -> list[Path]:
+    """Where the kernel sources are looked for, in order: the installed package's ``csrc/kernels`` (wheel), then the
+    source checkout's ``plugins_trt/kernels`` (editable install). ``here`` is this module's folder."""
+    here = _HERE if here is None else here
+    return [here / "csrc" / "kernels", here.parent / "plugins_trt" / "kernels"]
+
+
+def kernels_dir(here: Path | None = None) -> Path:
+    """Folder holding rocketSparseVKernel.cu/.h: ``$ROCKET_KERNELS_DIR``, else the first of
+    :func:`kernel_dir_candidates` that has both files."""
     env = os.environ.get("ROCKET_KERNELS_DIR")
     if env:
         d = Path(env).expanduser()
         if not (d / KERNEL_SOURCE).is_file():
             raise RuntimeError(f"ROCKET_KERNELS_DIR={env} has no {KERNEL_SOURCE}")
         return d
-    d = _HERE.parent / "plugins_trt" / "kernels"
-    if not (d / KERNEL_SOURCE).is_file():
-        raise RuntimeError(f"the CUDA kernel sources are not at {d} (a non-editable install does not ship them); "
-                           f"set ROCKET_KERNELS_DIR to a checkout's plugins_trt/kernels")
-    return d
+    cands = kernel_dir_candidates(here)
+    for d in cands:
+        if (d / KERNEL_SOURCE).is_file() and (d / KERNEL_HEADER).is_file():
+            return d
+    looked = ", ".join(str(d) for d in cands)
+    raise RuntimeError(f"the CUDA kernel sources ({KERNEL_SOURCE}, {KERNEL_HEADER}) are in none of {looked}; "
+                       f"reinstall rocket-deploy or set ROCKET_KERNELS_DIR to a checkout's plugins_trt/kernels")
 
 
 def binding_source() -> Path:

@@ -1,6 +1,7 @@
 """Torch backend: runs a transformers model (dense, or a loaded ROCKET artifact) behind :class:`Engine`."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,9 @@ class TorchEngine(Engine):
         self.tokenizer = tokenizer
         self.is_decoder = bool(getattr(model.config, "is_decoder", False)) or hasattr(model, "lm_head") \
             or "ForCausalLM" in type(model).__name__
+        # transformers >= 5.x names the KV cache ``cache`` (argument and output field); ``past_key_values`` is
+        # deprecated there (FutureWarning on input, a logged warning on output) but is the only name in 4.x.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_path(cls, path: str, device: str | None = None) -> "TorchEngine":
@@ -32,11 +36,11 @@ class TorchEngine(Engine):
         if not self.is_decoder:
             out = self.model(input_ids=ids, attention_mask=mask)
             return out.last_hidden_state.float().cpu().numpy(), None
-        if past is None:
-            from transformers import DynamicCache
-            past = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
-        return out.logits.float().cpu().numpy(), out.past_key_values
+        # prefill (past None): use_cache=True makes the model create the cache that fits its config
+        # (DynamicCache(config=...): sliding-window layers included)
+        kw = {} if past is None else {self._cache_arg: past}
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        return out.logits.float().cpu().numpy(), getattr(out, self._cache_arg)
 
     def model_bytes(self) -> int:
         seen, total = set(), 0

@@ -589,6 +589,31 @@ def test_engine_sampling_guards():
     assert 0 <= tok < 10
 
 
+def test_torch_engine_kv_cache_current_api(engine, monkeypatch):
+    """Prefill + decode through the KV cache use transformers' current names (``cache`` in 5.x, not the deprecated
+    ``past_key_values``: FutureWarning on the argument, a logged warning on the output field) and the decode step
+    equals a full forward of the whole sequence."""
+    import logging
+    import warnings
+
+    import torch
+
+    logged = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)),
+                        raising=False)
+    ids = np.array([[5, 17, 42, 9, 100, 7]], dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        _, past = engine.forward(ids[:, :5], np.ones((1, 5), np.int64), None)
+        step, past = engine.forward(ids[:, 5:], np.ones((1, 6), np.int64), past)
+    assert not [m for m in logged if "past_key_values" in m or "deprecated" in m], logged
+    assert past is not None and past.get_seq_length() == 6
+    with torch.no_grad():
+        full = engine.model(input_ids=torch.as_tensor(ids)).logits.float().numpy()
+    np.testing.assert_allclose(step[:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
+
+
 def test_cli_missing_path(tmp_path):
     from click.testing import CliRunner
 
