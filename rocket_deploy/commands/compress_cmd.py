@@ -94,11 +94,17 @@ def get_profile(model, tokenizer, config, cal, data, profile_dir, quiet):
 @click.option("--quantize", type=click.Choice(["int8", "fp8", "int4"]), default=None,
               help="Quantize the factors (U per rank component, V per output column; int4: U group-wise, V int8); "
                    "the budget then counts quantized bytes. See docs/quantization.md.")
+@click.option("--safeguard/--no-safeguard", default=True, show_default=True,
+              help="Also build the uniform allocation at the same bytes and keep it if it has lower held-out "
+                   "perplexity (costs one extra model build and evaluation).")
+@click.option("--gram-damping", type=click.FloatRange(0, 10), default=None,
+              help="Add this fraction of the mean activation energy to the Gram's diagonal before whitening "
+                   "(default: the config's; see docs/benchmarks.md section 2).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
 @calibration_options
-def compress(model, budget, out, method, quantize, overwrite, as_json, calib, calib_samples, seq_len, eval_samples, seed,
-             targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet):
+def compress(model, budget, out, method, quantize, safeguard, gram_damping, overwrite, as_json, calib, calib_samples,
+             seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet):
     """Compress MODEL (a Hugging Face directory, a .gguf file, or smollm2-135m) into an artifact at --out."""
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} already exists; choose another --out or pass --overwrite")
@@ -107,6 +113,9 @@ def compress(model, budget, out, method, quantize, overwrite, as_json, calib, ca
                                     exclude, byte_fractions, keep_ratios, objective)
         if quantize or method == "dense-quant":
             config = config.replace(quantize=quantize)      # validated: dense-quant needs --quantize
+        config = config.replace(safeguard=safeguard)
+        if gram_damping is not None:
+            config = config.replace(gram_damping=gram_damping)
         from ..compress.pipeline import compress as run_compress, prepare_calibration
         from ..models import load_model
         from ..targets import select_targets
