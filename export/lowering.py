@@ -4,7 +4,9 @@
   ops that rebuild the dense ``V`` (``rank x out_features``) from the packed initializers (``values`` + bitmask)
   and multiply. The expansion only depends on initializers, so ONNX Runtime's constant folding (on by default,
   ``ORT_ENABLE_BASIC`` and above) runs it ONCE when the session is created; each run is then two plain MatMuls.
-  The file keeps the packed form (about the artifact's size).
+  The file keeps the packed form (about the artifact's size). Quantized V (``value_type`` 1 / 2, trt graphs of
+  ``--quantize`` artifacts, lowered for validation): the int8 / fp8 codes are cast to the activation dtype and V's
+  columns multiplied by the ``scales`` input before the product (folded the same way).
 * :func:`store_weights_fp16` -- fp32 initializers whose values are exactly representable in fp16 (all weights of a
   ROCKET artifact, which stores fp16) are stored as fp16 plus a ``Cast`` to fp32; folded at session start as well,
   so an fp32 graph costs fp16 bytes on disk and computes in fp32 bit for bit.
@@ -44,12 +46,21 @@ def lower_rocket_nodes(model: ir.Model, merge: str = "auto") -> dict:
     shared: dict[str, ir.Value] = {}
     for node in rocket_nodes(graph):
         vt = int(_attr(node, "value_type", 0))
-        if vt != 0:
-            raise NotImplementedError(f"{node.name}: value_type={vt} (quantized V) has no standard-op lowering yet")
         rank, keep, d_out = int(_attr(node, "rank")), int(_attr(node, "keep")), int(_attr(node, "out_features"))
         t, values, mask = node.inputs[0], node.inputs[1], node.inputs[2]
         base = (values.name or node.name).removesuffix(".v_values")
         tp = ir_tape.Tape()
+        scales = None
+        if vt != 0:         # int8 / fp8 codes: cast exactly to the activation dtype, scale V's columns (folded)
+            if len(node.inputs) < 4 or node.inputs[3] is None:
+                raise ValueError(f"{node.name}: value_type={vt} needs the 4th input 'scales'")
+            act = node.outputs[0].dtype or t.dtype or ir.DataType.FLOAT
+            values = tp.op("Cast", [values], {"to": act}, name=f"{base}.v_codes")
+            values.dtype = act
+            scales = node.inputs[3]
+            if scales.dtype != act:
+                scales = tp.op("Cast", [scales], {"to": act}, name=f"{base}.v_scales_cast")
+                scales.dtype = act
         if keep == rank:
             v = tp.op("Transpose", [values], {"perm": [1, 0]}, name=f"{base}.V")
             stats["dense_v"] += 1
@@ -79,12 +90,21 @@ def lower_rocket_nodes(model: ir.Model, merge: str = "auto") -> dict:
             vt_dense = tp.op("Where", [keep_b, gathered, zero])
             v = tp.op("Transpose", [vt_dense], {"perm": [1, 0]}, name=f"{base}.V")
             stats["sparse_v"] += 1
+        if scales is not None:
+            v = tp.op("Mul", [v, scales], name=f"{base}.V_scaled")       # [rank, d_out] * [d_out]
+            stats["quant_v"] = stats.get("quant_v", 0) + 1
         out = node.outputs[0]
         u_node = t.producer()
         do_merge = False
         if merge != "never" and u_node is not None and u_node.op_type == "MatMul" and len(t.uses()) == 1:
             u_val = u_node.inputs[1]
-            d_in = u_val.shape[0] if u_val.shape is not None else None
+            d_in = u_val.shape[0] if u_val.shape is not None and len(u_val.shape) == 2 else None
+            x_shape = u_node.inputs[0].shape
+            if not isinstance(d_in, int) and x_shape is not None and len(x_shape):
+                d_in = x_shape[-1]      # U computed in-graph (quantized, folded at session start): shape from x
+            u_src = u_val.producer()
+            if u_src is not None and u_src.op_type == "DequantizeLinear":
+                d_in = None     # ORT never folds DequantizeLinear: U V would be multiplied on every call
             if isinstance(d_in, int):
                 do_merge = merge == "always" or rank * (d_in + d_out) >= d_in * d_out
         if do_merge:

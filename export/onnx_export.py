@@ -10,6 +10,12 @@ Encoders: ``input_ids``, ``attention_mask`` -> ``last_hidden_state``.
 
 Targets: ``trt`` keeps the sparse V product as the ``rocket.RocketSparseVMatMul`` node (the TensorRT plugin);
 ``ort`` lowers it to standard ops (:mod:`rocket_deploy.export.lowering`).
+
+Quantized artifacts (format version 2, ``--quantize``): the quantized layers are swapped for the stand-ins of
+:mod:`rocket_deploy.export.quantized_ops` -- ``ort``: ``com.microsoft.MatMulNBits`` for int4 weights, int8 / fp8
+weights dequantized in-graph (folded by ORT at session start) or, ``int8_compute="dynamic"``,
+``DequantizeLinear -> MatMul`` (ORT's dynamic int8 kernels); ``trt``: weight-only ``DequantizeLinear`` for U and
+the plugin node with int8 / fp8 V codes + per-column scales (``value_type`` 1 / 2). See docs/quantization.md.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ from rocket_deploy.targets import set_module
 from .rocket_op import ExportRocketLinear, custom_translation_table
 
 TARGETS = ("ort", "trt")
+INT8_COMPUTE = ("weight-only", "dynamic")
+INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DEFAULT_INT4_ACCURACY_LEVEL = 4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -112,14 +121,32 @@ class EncoderWrapper(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+def is_quantized_model(model: nn.Module) -> bool:
+    from rocket_deploy.quant_linear import QUANT_MODULES
+    return any(isinstance(m, QUANT_MODULES) for m in model.modules())
+
+
 @contextlib.contextmanager
-def export_modules(model: nn.Module):
-    """Temporarily replace every RocketLinear by :class:`ExportRocketLinear` (the custom op)."""
-    swapped = [(n, m) for n, m in model.named_modules() if isinstance(m, RocketLinear)]
+def export_modules(model: nn.Module, target: str = "ort", dtype: torch.dtype = torch.float32,
+                   int8_compute: str = "weight-only", int4_accuracy_level: int = 0):
+    """Temporarily replace every RocketLinear by :class:`ExportRocketLinear` (the custom op) and every quantized
+    layer (QuantRocketLinear / QuantDenseLinear) by its export stand-in for ``target``
+    (:func:`rocket_deploy.export.quantized_ops.export_module_for`). Yields the number of ROCKET layers."""
+    from rocket_deploy.quant_linear import QUANT_MODULES, QuantRocketLinear
+
+    from .quantized_ops import export_module_for
+    swapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (RocketLinear, *QUANT_MODULES))]
+    n_rocket = 0
     for name, mod in swapped:
-        set_module(model, name, ExportRocketLinear(mod))
+        if isinstance(mod, RocketLinear):
+            new = ExportRocketLinear(mod)
+        else:
+            new = export_module_for(mod, int8_compute == "dynamic", target=target, dtype=dtype,
+                                    accuracy_level=int4_accuracy_level)
+        n_rocket += isinstance(mod, (RocketLinear, QuantRocketLinear))
+        set_module(model, name, new)
     try:
-        yield len(swapped)
+        yield n_rocket
     finally:
         for name, mod in swapped:
             set_module(model, name, mod)
@@ -178,7 +205,34 @@ def onnx_file_bytes(path: str) -> int:
     return total + sum(os.path.getsize(os.path.join(d, f)) for f in files if os.path.isfile(os.path.join(d, f)))
 
 
-def _torch_export(model: nn.Module, dtype: torch.dtype, verbose: bool):
+def translation_table() -> dict:
+    """The custom ops' ONNX translations: ``rocket::sparse_v_matmul`` and the ``rocket_quant`` ops."""
+    from .quantized_ops import custom_translation_table as quant_table
+    return {**custom_translation_table(), **quant_table()}
+
+
+def _keep_quantized_codes(node) -> bool | None:
+    """``should_fold`` rule for the onnxscript optimizer: never fold a node that reads a quantized initializer
+    (int8 / uint8 / int4 / float8 codes). Its default folds small inputs only (8192 elements), so tiny models would
+    get fp32 weights in the file while real ones would not; this keeps every model's codes as stored (ONNX Runtime
+    folds the dequantization at session start instead)."""
+    import onnx_ir as ir
+    quant = (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT8E4M3FN)
+    for v in node.inputs:
+        if v is not None and v.is_initializer() and v.dtype in quant:
+            return False
+    return None
+
+
+def _optimize_keeping_codes(model) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs, with :func:`_keep_quantized_codes`."""
+    import onnxscript
+    import onnxscript.rewriter.onnx_fusions
+    onnxscript.optimizer.optimize_ir(model, should_fold=_keep_quantized_codes)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+def _torch_export(model: nn.Module, dtype: torch.dtype, verbose: bool, quantized: bool = False):
     wrapper = DecoderWrapper(model) if is_decoder_model(model) else EncoderWrapper(model)
     inputs, outputs = io_names(model)
     args = example_inputs(model, dtype=dtype)
@@ -194,20 +248,28 @@ def _torch_export(model: nn.Module, dtype: torch.dtype, verbose: bool):
             stack.callback(onnx_log.setLevel, old_level)
         prog = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes(model),
                                  input_names=inputs, output_names=outputs, opset_version=OPSET,
-                                 custom_translation_table=custom_translation_table(), verbose=verbose,
-                                 report=False, optimize=True)
+                                 custom_translation_table=translation_table(), verbose=verbose,
+                                 report=False, optimize=not quantized)
+        if quantized:
+            _optimize_keeping_codes(prog.model)
     return prog, inputs, outputs
 
 
 def export_model(model: nn.Module, out_dir: str, *, target: str = "ort", dtype: str = "fp32", tokenizer=None,
                  external_data: bool | None = None, merge: str = "auto", weights_fp16: bool = True,
                  validate: bool = True, overwrite: bool = False, verbose: bool = False,
-                 reference: nn.Module | None = None, extra_info: dict | None = None) -> ExportResult:
+                 reference: nn.Module | None = None, extra_info: dict | None = None,
+                 int8_compute: str = "weight-only", int4_accuracy_level: int | None = None) -> ExportResult:
     """Export ``model`` into ``out_dir/model.onnx`` (+ ``model.onnx.data`` when external, tokenizer, export.json).
 
     ``model`` computes in fp32 (the reference for validation); ``dtype="fp16"`` exports an fp16 copy.
     ``external_data``: None = automatic (models above ~1.5 GB), True = always, False = never.
     ``merge`` / ``weights_fp16``: ort-target options of :func:`lower_rocket_nodes` / :func:`store_weights_fp16`.
+    Quantized models (ort target only): ``int8_compute`` "weight-only" (int8 weights dequantized once at session
+    start: exact) or "dynamic" (``DequantizeLinear -> MatMul``, fused by ORT into int8 kernels that quantize the
+    activations per call); ``int4_accuracy_level`` of ``MatMulNBits`` (default 4: int8 activations, the fast CPU
+    kernel; 0: float compute, weight-only exact). Graphs whose activations are quantized are validated against a
+    looser tolerance (:data:`rocket_deploy.export.validate.ACT_QUANT_TOLERANCE`).
     """
     import onnx_ir as ir
 
@@ -221,17 +283,25 @@ def export_model(model: nn.Module, out_dir: str, *, target: str = "ort", dtype: 
     model = model.eval()
     ref = reference if reference is not None else model
     tdtype = DTYPES[dtype]
+    quant = quant_export_settings(model, target, dtype, int8_compute, int4_accuracy_level)
     src = model if next(model.parameters()).dtype == tdtype else copy.deepcopy(model).to(tdtype)
-    with export_modules(src) as n_rocket:
-        prog, inputs, outputs = _torch_export(src, tdtype, verbose)
+    with export_modules(src, target, tdtype, quant.get("int8_compute", "weight-only"),
+                        quant.get("int4_accuracy_level", 0)) as n_rocket:
+        prog, inputs, outputs = _torch_export(src, tdtype, verbose, quantized=bool(quant))
     del src
     ir_model = prog.model
     stats: dict[str, Any] = {"rocket_layers": n_rocket, "rocket_nodes": len(rocket_nodes(ir_model.graph)),
                              "opset": OPSET}
+    if quant:
+        stats["quantization"] = quant
     if target == "ort":
         stats["lowering"] = lower_rocket_nodes(ir_model, merge=merge)
         if weights_fp16 and dtype == "fp32":
             stats["storage"] = store_weights_fp16(ir_model)
+    elif quant:
+        from .quantized_ops import prepare_trt_graph
+        stats["trt_quant"] = prepare_trt_graph(ir_model)
+        stats["opset"] = stats["trt_quant"]["opset"]
     ir_model.producer_name = "rocket-deploy"
     meta = {"rocket.target": target, "rocket.dtype": dtype, "rocket.is_decoder": str(is_decoder_model(model)).lower()}
     for k, v in meta.items():
@@ -253,12 +323,64 @@ def export_model(model: nn.Module, out_dir: str, *, target: str = "ort", dtype: 
         check_onnx(path, target)
         if validate:
             from .validate import validate_export
-            result.validation = validate_export(path, ref, target=target, dtype=dtype)
+            result.validation = validate_export(path, ref, target=target, dtype=dtype,
+                                                act_quant=quant.get("activations_quantized", False))
         result.seconds = round(time.perf_counter() - t0, 2)
         info = {**result.to_dict(), "external_data": use_external, **(extra_info or {})}
         with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=1, default=float)
     return result
+
+
+def quant_export_settings(model: nn.Module, target: str, dtype: str, int8_compute: str = "weight-only",
+                          int4_accuracy_level: int | None = None) -> dict:
+    """Check the quantized-export options against the model / target / dtype; returns what the export records
+    (empty for a model without quantized layers). Raises :class:`ExportError` naming the fix."""
+    if int8_compute not in INT8_COMPUTE:
+        raise ExportError(f"int8_compute must be one of {INT8_COMPUTE}, got {int8_compute!r}")
+    if int4_accuracy_level is not None and int(int4_accuracy_level) not in INT4_ACCURACY_LEVELS:
+        raise ExportError(f"int4_accuracy_level must be one of {INT4_ACCURACY_LEVELS}, got {int4_accuracy_level!r}")
+    if not is_quantized_model(model):
+        return {}
+    from rocket_deploy.quant_linear import QuantDenseLinear, QuantRocketLinear
+    fmts = set()
+    for m in model.modules():
+        if isinstance(m, QuantRocketLinear):
+            fmts |= {m.u_fmt, m.v_fmt}
+        elif isinstance(m, QuantDenseLinear):
+            fmts.add(m.fmt)
+    weight_fmts = {m.u_fmt if isinstance(m, QuantRocketLinear) else m.fmt for m in model.modules()
+                   if isinstance(m, (QuantRocketLinear, QuantDenseLinear))}
+    v_fmts = {m.v_fmt for m in model.modules() if isinstance(m, QuantRocketLinear)}
+    if target == "trt":
+        if int8_compute != "weight-only" or int4_accuracy_level not in (None, 0):
+            raise ExportError("--int8-compute / --int4-accuracy-level apply to --target ort only; the trt graph is "
+                              "weight-only (TensorRT picks its kernels)")
+        compute = [f"{f} DequantizeLinear -> MatMul" if f != "int4" else
+                   "int4 INT4 blocked DequantizeLinear -> MatMul + zero-point correction" for f in sorted(weight_fmts)]
+        if v_fmts:
+            compute.append(f"V {'/'.join(sorted(v_fmts))} codes + scales -> RocketSparseVMatMul")
+        return {"formats": sorted(fmts), "activations_quantized": False, "compute": "; ".join(compute)}
+    level = DEFAULT_INT4_ACCURACY_LEVEL if int4_accuracy_level is None else int(int4_accuracy_level)
+    if int8_compute == "dynamic" and dtype != "fp32":
+        raise ExportError("--int8-compute dynamic needs --dtype fp32 (ONNX Runtime's dynamic int8 MatMul kernels "
+                          "take float32 activations); use --int8-compute weight-only for fp16")
+    dynamic = int8_compute == "dynamic" and "int8" in weight_fmts
+    compute = []
+    if "int4" in weight_fmts:
+        compute.append(f"int4 MatMulNBits accuracy_level {level}")
+    if "int8" in weight_fmts:
+        compute.append("int8 DequantizeLinear -> MatMul (dynamic int8)" if dynamic else "int8 weight-only (folded)")
+    if "fp8" in weight_fmts:
+        compute.append("fp8 LUT weight-only (folded)")
+    if fmts - weight_fmts:
+        compute.append(f"V {'/'.join(sorted(fmts - weight_fmts))} folded")
+    out = {"formats": sorted(fmts), "int8_compute": int8_compute,
+           "activations_quantized": bool(("int4" in weight_fmts and level == 4) or dynamic),
+           "compute": "; ".join(compute)}
+    if "int4" in fmts:
+        out["int4_accuracy_level"] = level
+    return out
 
 
 def check_onnx(path: str, target: str) -> None:

@@ -21,11 +21,19 @@ Owned by the compression engine; the exporter calls these (see docs/quantization
      (``DequantizeLinear`` / ``Cast`` from float8 need opset 19 and a float8-enabled build).
 
    Every dequantization depends on initializers only, so ORT's constant folding turns it into a plain float weight
-   once at session start (the file keeps the 1-byte / 4-bit form); ``MatMulNBits`` stays 4-bit at run time.
+   once at session start (the file keeps the 1-byte / 4-bit form: the exporter's own optimizer is told not to fold
+   them, ``onnx_export._keep_quantized_codes``); ``MatMulNBits`` stays 4-bit at run time.
    V's values are dequantized in-graph to float and then fed to ``rocket::sparse_v_matmul`` with ``value_type=0``,
    so the existing lowering (:func:`rocket_deploy.export.lowering.lower_rocket_nodes`) applies unchanged.
 
-2. **graph side** (``onnx.helper``): :func:`matmul_nbits_node`, :func:`dequant_int8_nodes`,
+   ``target="trt"`` (:class:`TrtQuantRocketLinear`, :class:`TrtQuantDenseLinear`): weight-only
+   ``rocket_quant::dequantize_linear`` -> ``DequantizeLinear`` (int8 / float8 codes, per-column scales in the
+   compute dtype) for U and dense weights, int4 through ``matmul_nbits`` rewritten by :func:`prepare_trt_graph`
+   into a symmetric INT4 blocked ``DequantizeLinear`` + zero-point correction, and V handed to the plugin node
+   with its codes and float32 scales (``value_type`` 1 / 2).
+
+2. **graph side**: :func:`prepare_trt_graph` (``onnx_ir`` pass of the trt export) and, with ``onnx.helper``,
+   :func:`matmul_nbits_node`, :func:`dequant_int8_nodes`,
    :func:`cast_dequant_nodes`, :func:`dequant_fp8_nodes`, :func:`dynamic_int8_matmul_nodes` build the same ops as NodeProtos + initializers;
    :func:`quant_linear_model` assembles a one-layer model (used by bench/bench_quant_ops.py and the tests).
 """
@@ -49,14 +57,15 @@ def fp8_e4m3fn_table() -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- torch custom ops
 @torch.library.custom_op("rocket_quant::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 K: int, N: int, block_size: int) -> torch.Tensor:
-    """``x @ W`` with ``W [K, N]`` in MatMulNBits layout (reference: dequantize and multiply)."""
+                 K: int, N: int, block_size: int, accuracy_level: int = 0) -> torch.Tensor:
+    """``x @ W`` with ``W [K, N]`` in MatMulNBits layout (reference: dequantize and multiply, i.e. the
+    weight-only result; ``accuracy_level`` only goes into the ONNX node)."""
     w = dequant_int4(packed.cpu(), scales.cpu(), zeros.cpu(), K, x.dtype).to(x.device)
     return torch.matmul(x, w)
 
 
 @matmul_nbits.register_fake
-def _(x, packed, scales, zeros, K, N, block_size):
+def _(x, packed, scales, zeros, K, N, block_size, accuracy_level=0):
     return x.new_empty((*x.shape[:-1], N))
 
 
@@ -82,6 +91,20 @@ def dequant_linear(q: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Te
 @dequant_linear.register_fake
 def _(q, scales, axis):
     return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("rocket_quant::dequantize_linear", mutates_args=())
+def dequantize_linear(q: torch.Tensor, scales: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX ``DequantizeLinear`` semantics for the trt target: ``q`` int8 or float8_e4m3fn (2-D), ``scales`` 1-D
+    along ``axis``; the result has ``scales``' dtype (float32 or float16, as the graph computes)."""
+    s = scales.to(torch.float32)
+    w = q.to(torch.float32) * (s[None, :] if axis == 1 else s[:, None])
+    return w.to(scales.dtype)
+
+
+@dequantize_linear.register_fake
+def _(q, scales, axis):
+    return q.new_empty(q.shape, dtype=scales.dtype)
 
 
 @torch.library.custom_op("rocket_quant::dequant_fp8", mutates_args=())
@@ -129,12 +152,14 @@ def register_matmul_nbits_schema() -> None:
     _SCHEMA_DONE = True
 
 
-def _onnx_matmul_nbits(x, packed, scales, zeros, K: int, N: int, block_size: int):
+def _onnx_matmul_nbits(x, packed, scales, zeros, K: int, N: int, block_size: int, accuracy_level: int = 0):
+    """``scales`` must already be in the activation dtype (the stand-ins store them so): an initializer straight
+    into the node lets ORT prepack the weight at session start."""
     register_matmul_nbits_schema()
     import onnxscript
-    from onnxscript import opset18 as op
     ms = onnxscript.values.Opset(MS_DOMAIN, 1)
-    return ms.MatMulNBits(x, packed, op.CastLike(scales, x), zeros, K=K, N=N, bits=4, block_size=block_size)
+    return ms.MatMulNBits(x, packed, scales, zeros, K=K, N=N, bits=4, block_size=block_size,
+                          accuracy_level=accuracy_level)
 
 
 def _onnx_dequant_cols(q, scales, axis: int):
@@ -145,6 +170,12 @@ def _onnx_dequant_cols(q, scales, axis: int):
 
 def _onnx_dequant_linear(q, scales, axis: int):
     from onnxscript import opset18 as op
+    return op.DequantizeLinear(q, scales, axis=axis)
+
+
+def _onnx_dequantize_linear(q, scales, axis: int):
+    # float8 inputs / float16 scales need DequantizeLinear-19: the trt pass (prepare_trt_graph) sets the opset
+    from onnxscript import opset19 as op
     return op.DequantizeLinear(q, scales, axis=axis)
 
 
@@ -166,15 +197,18 @@ def custom_translation_table() -> dict:
     return {torch.ops.rocket_quant.matmul_nbits.default: _onnx_matmul_nbits,
             torch.ops.rocket_quant.dequant_cols.default: _onnx_dequant_cols,
             torch.ops.rocket_quant.dequant_linear.default: _onnx_dequant_linear,
-            torch.ops.rocket_quant.dequant_fp8.default: _onnx_dequant_fp8}
+            torch.ops.rocket_quant.dequant_fp8.default: _onnx_dequant_fp8,
+            torch.ops.rocket_quant.dequantize_linear.default: _onnx_dequantize_linear}
 
 
 # ---------------------------------------------------------------------------------------- export stand-in modules
-def _register_matrix(mod: nn.Module, prefix: str, fmt: str, q, scales, zeros) -> None:
+def _register_matrix(mod: nn.Module, prefix: str, fmt: str, q, scales, zeros, dtype: torch.dtype) -> None:
     if fmt == "fp8":
         q = q.view(torch.uint8)              # bit patterns: decoded by the LUT in-graph
     mod.register_buffer(f"{prefix}_q", q)
-    mod.register_buffer(f"{prefix}_scales", scales.to(torch.float32) if fmt != "int4" else scales)
+    # int8 / fp8: float32 (the Cast -> Mul / LUT product is float32); int4: the activation dtype, as MatMulNBits
+    # wants its scales (stored fp16: exact in either dtype)
+    mod.register_buffer(f"{prefix}_scales", scales.to(torch.float32) if fmt != "int4" else scales.to(dtype))
     mod.register_buffer(f"{prefix}_zeros", zeros)
 
 
@@ -195,28 +229,35 @@ def _weight(fmt: str, q, scales, fused: bool, axis: int):
     return _dequant(fmt, q, scales, axis)
 
 
-class ExportQuantRocketLinear(nn.Module):
-    """Export-time stand-in for :class:`QuantRocketLinear` (shares its tensors). ``x @ U`` is MatMulNBits (int4)
-    or MatMul with a DequantizeLinear'd / LUT-decoded U; V's values are dequantized to float32 and the sparse
-    product is ``rocket::sparse_v_matmul(..., value_type=0)`` as for unquantized layers.
-    ``int8_fused``: see :func:`_weight` (default False: exact)."""
+def _bias(src, dtype):
+    return src.bias.to(dtype) if src.bias is not None else None
 
-    def __init__(self, src: QuantRocketLinear, int8_fused: bool = False):
+
+class ExportQuantRocketLinear(nn.Module):
+    """Export-time stand-in for :class:`QuantRocketLinear` (shares its tensors), ``ort`` target. ``x @ U`` is
+    MatMulNBits (int4, ``accuracy_level`` as given) or MatMul with a Cast/Mul- or LUT-dequantized U (folded at
+    session start) -- or, ``int8_fused``, ``DequantizeLinear -> MatMul`` (see :func:`_weight`); V's values are
+    dequantized to float32 and the sparse product is ``rocket::sparse_v_matmul(..., value_type=0)`` as for
+    unquantized layers. ``dtype``: the compute dtype of the exported graph."""
+
+    def __init__(self, src: QuantRocketLinear, int8_fused: bool = False, dtype: torch.dtype = torch.float32,
+                 accuracy_level: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.rank, self.keep = src.in_features, src.out_features, src.rank, src.keep
         self.u_fmt, self.v_fmt, self.group = src.u_fmt, src.v_fmt, src.group
         self.fused = int8_fused and self.u_fmt == "int8"
-        _register_matrix(self, "u", self.u_fmt, src.u_q, src.u_scales, src.u_zeros)
+        self.accuracy_level = int(accuracy_level)
+        _register_matrix(self, "u", self.u_fmt, src.u_q, src.u_scales, src.u_zeros, dtype)
         vals = src.v_values.view(torch.uint8) if self.v_fmt == "fp8" else src.v_values
         self.register_buffer("v_values_q", vals)
         self.register_buffer("v_scales", src.v_scales)
         self.register_buffer("v_mask", src.v_mask.to(torch.uint8))
-        self.register_buffer("bias", src.bias.to(torch.float32) if src.bias is not None else None)
+        self.register_buffer("bias", _bias(src, dtype))
 
     def forward(self, x):
         if self.u_fmt == "int4":
             t = torch.ops.rocket_quant.matmul_nbits(x, self.u_q, self.u_scales, self.u_zeros, self.in_features,
-                                                    self.rank, self.group)
+                                                    self.rank, self.group, self.accuracy_level)
         else:
             t = torch.matmul(x, _weight(self.u_fmt, self.u_q, self.u_scales, self.fused, 1).to(x.dtype))
         v_vals = _dequant(self.v_fmt, self.v_values_q, self.v_scales, 0).to(x.dtype)     # [d_out, keep]
@@ -228,21 +269,23 @@ class ExportQuantRocketLinear(nn.Module):
 
 
 class ExportQuantDenseLinear(nn.Module):
-    """Export-time stand-in for :class:`QuantDenseLinear`: MatMulNBits (int4), or MatMul with the weight
-    dequantized in-graph (``w_q [d_out, d_in]`` per-row scales, transposed; folded at session start)."""
+    """Export-time stand-in for :class:`QuantDenseLinear`, ``ort`` target: MatMulNBits (int4), or MatMul with the
+    weight dequantized in-graph (``w_q [d_out, d_in]`` per-row scales, transposed; folded at session start)."""
 
-    def __init__(self, src: QuantDenseLinear, int8_fused: bool = False):
+    def __init__(self, src: QuantDenseLinear, int8_fused: bool = False, dtype: torch.dtype = torch.float32,
+                 accuracy_level: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.fmt, self.group = src.in_features, src.out_features, src.fmt, src.group
         self.fused = int8_fused and self.fmt == "int8"
+        self.accuracy_level = int(accuracy_level)
         wq = src.w_q.t().contiguous() if self.fused else src.w_q       # stored [d_out, d_in]
-        _register_matrix(self, "w", self.fmt, wq, src.w_scales, src.w_zeros)
-        self.register_buffer("bias", src.bias.to(torch.float32) if src.bias is not None else None)
+        _register_matrix(self, "w", self.fmt, wq, src.w_scales, src.w_zeros, dtype)
+        self.register_buffer("bias", _bias(src, dtype))
 
     def forward(self, x):
         if self.fmt == "int4":
             y = torch.ops.rocket_quant.matmul_nbits(x, self.w_q, self.w_scales, self.w_zeros, self.in_features,
-                                                    self.out_features, self.group)
+                                                    self.out_features, self.group, self.accuracy_level)
         else:
             w = _weight(self.fmt, self.w_q, self.w_scales, self.fused, 0)
             y = torch.matmul(x, (w if self.fused else w.t()).to(x.dtype))
@@ -251,13 +294,192 @@ class ExportQuantDenseLinear(nn.Module):
         return y
 
 
-def export_module_for(mod: nn.Module, int8_fused: bool = False) -> nn.Module | None:
-    """The export stand-in of a quantized module, or None when ``mod`` is not quantized."""
+class TrtQuantRocketLinear(nn.Module):
+    """Export-time stand-in for :class:`QuantRocketLinear`, ``trt`` target (weight-only Q/DQ + the plugin):
+
+    * U int8 / fp8: ``MatMul(x, DequantizeLinear(u_q [d_in, r], u_scales [r] in the compute dtype, axis=1))``;
+    * U int4: ``MatMulNBits`` here, rewritten after the export by :func:`prepare_trt_graph` into a symmetric INT4
+      blocked ``DequantizeLinear`` plus a zero-point correction (TensorRT only takes zero points of 0);
+    * V: ``rocket.RocketSparseVMatMul`` with the stored int8 / float8e4m3fn codes, the bitmask and the float32
+      per-column scales as 4th input, ``value_type`` 1 (int8) / 2 (fp8) -- the plugin's contract."""
+
+    def __init__(self, src: QuantRocketLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.keep = src.in_features, src.out_features, src.rank, src.keep
+        self.u_fmt, self.v_fmt, self.group = src.u_fmt, src.v_fmt, src.group
+        self.value_type = {"int8": 1, "fp8": 2}[self.v_fmt]
+        self.register_buffer("u_q", src.u_q)
+        self.register_buffer("u_scales", src.u_scales.to(dtype))
+        self.register_buffer("u_zeros", src.u_zeros)
+        self.register_buffer("v_values", src.v_values)                  # int8 / float8_e4m3fn, as stored
+        self.register_buffer("v_scales", src.v_scales.to(torch.float32))
+        self.register_buffer("v_mask", src.v_mask.to(torch.uint8))
+        self.register_buffer("bias", _bias(src, dtype))
+
+    def forward(self, x):
+        if self.u_fmt == "int4":
+            t = torch.ops.rocket_quant.matmul_nbits(x, self.u_q, self.u_scales, self.u_zeros, self.in_features,
+                                                    self.rank, self.group, 0)
+        else:
+            t = torch.matmul(x, torch.ops.rocket_quant.dequantize_linear(self.u_q, self.u_scales, 1))
+        import rocket_deploy.export.rocket_op  # noqa: F401  (registers rocket::sparse_v_matmul)
+        y = torch.ops.rocket.sparse_v_matmul(t, self.v_values, self.v_mask, self.rank, self.keep, self.out_features,
+                                             self.value_type, self.v_scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class TrtQuantDenseLinear(nn.Module):
+    """Export-time stand-in for :class:`QuantDenseLinear`, ``trt`` target: ``MatMul(x, DequantizeLinear(w_q^T
+    [d_in, d_out], w_scales, axis=1))`` (int8 / fp8), or int4 as for U in :class:`TrtQuantRocketLinear`."""
+
+    def __init__(self, src: QuantDenseLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt, self.group = src.in_features, src.out_features, src.fmt, src.group
+        self.register_buffer("w_q", src.w_q if self.fmt == "int4" else src.w_q.t().contiguous())
+        self.register_buffer("w_scales", src.w_scales.to(dtype))
+        self.register_buffer("w_zeros", src.w_zeros)
+        self.register_buffer("bias", _bias(src, dtype))
+
+    def forward(self, x):
+        if self.fmt == "int4":
+            y = torch.ops.rocket_quant.matmul_nbits(x, self.w_q, self.w_scales, self.w_zeros, self.in_features,
+                                                    self.out_features, self.group, 0)
+        else:
+            y = torch.matmul(x, torch.ops.rocket_quant.dequantize_linear(self.w_q, self.w_scales, 1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def export_module_for(mod: nn.Module, int8_fused: bool = False, *, target: str = "ort",
+                      dtype: torch.dtype = torch.float32, accuracy_level: int = 0) -> nn.Module | None:
+    """The export stand-in of a quantized module, or None when ``mod`` is not quantized.
+
+    ``target`` "ort" (standard ops + ``com.microsoft.MatMulNBits``; ``int8_fused`` and the int4 ``accuracy_level``
+    apply) or "trt" (weight-only DequantizeLinear + the plugin node with quantized V); ``dtype``: the compute dtype
+    of the graph."""
+    if target == "trt":
+        if isinstance(mod, QuantRocketLinear):
+            return TrtQuantRocketLinear(mod, dtype)
+        if isinstance(mod, QuantDenseLinear):
+            return TrtQuantDenseLinear(mod, dtype)
+        return None
+    if target != "ort":
+        raise ValueError(f"target must be 'ort' or 'trt', got {target!r}")
     if isinstance(mod, QuantRocketLinear):
-        return ExportQuantRocketLinear(mod, int8_fused)
+        return ExportQuantRocketLinear(mod, int8_fused, dtype, accuracy_level)
     if isinstance(mod, QuantDenseLinear):
-        return ExportQuantDenseLinear(mod, int8_fused)
+        return ExportQuantDenseLinear(mod, int8_fused, dtype, accuracy_level)
     return None
+
+
+# ------------------------------------------------------------------------------------- trt graph pass (onnx_ir)
+TRT_INT4_OPSET = 21        # DequantizeLinear with INT4 input and block_size
+TRT_FP8_OPSET = 19         # DequantizeLinear / Cast with float8, float16 scales
+
+
+def _unpack_nibbles_np(packed: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., n]`` -> ``[..., 2n]`` codes, low nibble first (as :func:`compress.quantize.pack_nibbles`)."""
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out
+
+
+def int4_trt_tensors(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, k: int, block_size: int):
+    """MatMulNBits storage -> the TensorRT form ``W = DQ(W4, S) + G @ ZS`` (exact: ``(c - z) s = (c - 8) s +
+    (8 - z) s``), with ``W4 = c - 8`` signed int4 ``[K, N]`` (zero point 0, as TensorRT requires), ``S [nb, N]``
+    the block scales along K, ``ZS = (8 - z) s [nb, N]`` (float32; all zero when every zero point is 8) and
+    ``G [K, nb]`` the 0/1 block indicator (``x @ G`` = the per-block sums of x). Returns
+    ``(w4 int8 [K, N], S float32, ZS float32 or None, G float32)``."""
+    n, nb, half = packed.shape
+    codes = _unpack_nibbles_np(packed).reshape(n, nb * half * 2)[:, :k]             # [N, K] in 0..15
+    w4 = (codes.astype(np.int16) - 8).astype(np.int8).T.copy()                   # [K, N] in -8..7
+    sc = scales.astype(np.float32).reshape(n, nb)
+    z = _unpack_nibbles_np(zeros)[:, :nb].astype(np.float32)                      # [N, nb]
+    zs = ((8.0 - z) * sc).T.copy()                                               # [nb, N]
+    g = (np.arange(k)[:, None] // block_size == np.arange(nb)[None, :]).astype(np.float32)
+    return w4, sc.T.copy(), (zs if np.any(z != 8) else None), g
+
+
+def prepare_trt_graph(model) -> dict:
+    """The trt target's pass over the exported ``onnx_ir`` model (a no-op for graphs without quantized layers):
+
+    * every ``com.microsoft.MatMulNBits`` (int4 weight; not a TensorRT op) becomes
+      ``MatMul(x, DequantizeLinear(W4 int4 [K, N], S [nb, N], axis=0, block_size))`` + ``MatMul(MatMul(x, G), ZS)``
+      (see :func:`int4_trt_tensors`; the correction is left out when every zero point is 8), the file keeps the
+      weight 4-bit (ONNX INT4 packs two per byte);
+    * the default-domain opset is raised to what the graph needs -- 21 with INT4 blocked DequantizeLinear, 19
+      with float8 tensors or float16 DequantizeLinear scales, else unchanged (18) -- by the onnxscript version
+      converter. Returns counts."""
+    import onnx_ir as ir
+    from onnx_ir import tape as ir_tape
+    graph = model.graph
+    stats = {"int4_dq": 0, "int4_zero_correction": 0, "opset": model.opset_imports.get("", 18)}
+    shared: dict = {}
+    for node in [n for n in graph if n.domain == MS_DOMAIN and n.op_type == "MatMulNBits"]:
+        a = {k: v.value for k, v in node.attributes.items()}
+        k, n, bs = int(a["K"]), int(a["N"]), int(a["block_size"])
+        x, packed, scales, zeros = node.inputs[:4]
+        consts = [v.const_value if v is not None else None for v in (packed, scales, zeros)]
+        if any(c is None for c in consts):
+            raise ValueError(f"{node.name}: MatMulNBits weights must be initializers for the trt rewrite")
+        w4, sc, zs, g = int4_trt_tensors(*(c.numpy() for c in consts), k, bs)
+        act = scales.dtype                                    # the compute dtype (scales are stored in it)
+        np_act = act.numpy()
+        base = (packed.name or node.name).removesuffix(".u_q").removesuffix(".w_q").removesuffix("_q")
+        tp = ir_tape.Tape()
+        import ml_dtypes
+        w_v = tp.initializer(ir.tensor(w4.astype(ml_dtypes.int4), name=f"{base}.q_int4"), name=f"{base}.q_int4")
+        s_v = tp.initializer(ir.tensor(sc.astype(np_act), name=f"{base}.q_scales"), name=f"{base}.q_scales")
+        wd = tp.op("DequantizeLinear", [w_v, s_v], {"axis": 0, "block_size": bs}, name=f"{base}.dq")
+        wd.dtype, wd.shape = act, ir.Shape([k, n])
+        y = tp.op("MatMul", [x, wd], name=f"{base}.matmul")
+        if zs is not None:
+            key = (k, bs, str(act))
+            if key not in shared:
+                name = f"rocket.int4_blocks_{k}_{bs}_{act.name.lower()}"
+                shared[key] = tp.initializer(ir.tensor(g.astype(np_act), name=name), name=name)
+            z_v = tp.initializer(ir.tensor(zs.astype(np_act), name=f"{base}.q_zero_corr"), name=f"{base}.q_zero_corr")
+            sums = tp.op("MatMul", [x, shared[key]], name=f"{base}.block_sums")
+            corr = tp.op("MatMul", [sums, z_v], name=f"{base}.zero_corr")
+            y = tp.op("Add", [y, corr], name=f"{base}.int4_out")
+            stats["int4_zero_correction"] += 1
+        out = node.outputs[0]
+        y.dtype, y.shape = out.dtype, out.shape
+        graph.insert_before(node, tp.nodes)
+        for init in tp.initializers:
+            if init.name not in graph.initializers:
+                graph.register_initializer(init)
+        was_output, name = out.is_graph_output(), out.name
+        ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
+        if was_output:
+            out.name, y.name = f"{name}.replaced", name
+        graph.remove(node, safe=True)
+        stats["int4_dq"] += 1
+    if stats["int4_dq"]:
+        from .lowering import remove_unused_initializers
+        remove_unused_initializers(graph)
+    if not any(nd.domain == MS_DOMAIN for nd in graph.all_nodes()):
+        graph.opset_imports.pop(MS_DOMAIN, None)
+        model.opset_imports.pop(MS_DOMAIN, None)
+    need = stats["opset"]
+    if stats["int4_dq"]:
+        need = max(need, TRT_INT4_OPSET)
+    f8 = {ir.DataType.FLOAT8E4M3FN}
+    if any(v.dtype in f8 for v in graph.initializers.values()) or any(
+            nd.op_type == "DequantizeLinear" and nd.domain == "" and nd.inputs[1].dtype == ir.DataType.FLOAT16
+            for nd in graph.all_nodes()):
+        need = max(need, TRT_FP8_OPSET)
+    if need != stats["opset"]:
+        from onnxscript import version_converter
+        version_converter.convert_version(model, need)
+        model.opset_imports[""] = need
+        graph.opset_imports[""] = need
+        stats["opset"] = need
+    return stats
 
 
 # ---------------------------------------------------------------------------------- onnx.helper graph building

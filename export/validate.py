@@ -21,6 +21,14 @@ import numpy as np
 import torch
 
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 3e-2}}
+# Graphs that quantize activations on purpose (MatMulNBits accuracy_level 4, --int8-compute dynamic): the error is
+# the activation rounding itself, not an export bug. Measured (docs/quantization.md, "Export"; tiny random Llama,
+# 3 seeds): max |diff| / max |torch| <= 5.3e-3 on the logits and <= 1.1e-2 on the KV cache; one layer of SmolLM2's
+# shape: 0.6% (1.6% with outlier channels). The fp16 tolerance, about 2x the worst measured, is used for them.
+ACT_QUANT_TOLERANCE = {"atol": 2e-2, "rtol": 3e-2}
+# ORT fuses DequantizeLinear(INT4, blocked) -> MatMul into MatMulNBits with this accuracy level (default 4:
+# int8 activations); trt graphs are validated weight-only, as TensorRT computes them.
+_ORT_QDQ_NBITS_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
 
 class ValidationShapeError(RuntimeError):
@@ -39,6 +47,7 @@ def ort_session_for(path: str, target: str, threads: int | None = None):
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
     if target == "trt":
+        so.add_session_config_entry(_ORT_QDQ_NBITS_LEVEL, "0")
         import onnx_ir as ir
         from .lowering import lower_rocket_nodes
         import tempfile
@@ -66,11 +75,16 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: dict) -> dict[str,
 
 @torch.no_grad()
 def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", dtype: str = "fp32",
-                    batch: int = 2, prompt_len: int = 7, seed: int = 0, session=None) -> dict[str, Any]:
-    """Compare the exported graph at ``path`` with ``model`` (fp32 torch). Returns the report dict."""
+                    batch: int = 2, prompt_len: int = 7, seed: int = 0, session=None,
+                    act_quant: bool = False) -> dict[str, Any]:
+    """Compare the exported graph at ``path`` with ``model`` (fp32 torch). Returns the report dict.
+    ``act_quant``: the graph quantizes activations on purpose (int4 MatMulNBits accuracy_level 4, dynamic int8):
+    compared against :data:`ACT_QUANT_TOLERANCE` (or the dtype's, whichever is looser)."""
     from .onnx_export import decoder_geometry, is_decoder_model
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.nn.modules.module")
     tol = TOLERANCES[dtype]
+    if act_quant:
+        tol = {k: max(tol[k], ACT_QUANT_TOLERANCE[k]) for k in tol}
     sess = session or ort_session_for(path, target)
     model = model.eval() if next(model.parameters()).dtype == torch.float32 else model.eval().float()
     g = torch.Generator().manual_seed(seed)
@@ -118,6 +132,7 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
         steps.append({"step": f"decode (past {prompt_len})", "outputs": _compare_all(names, got2, refs2, tol, mask2)})
     passed = all(o["passed"] for s in steps for o in s["outputs"])
     report = {"target": target, "dtype": dtype, "tolerance": tol, "passed": passed, "steps": steps,
+              "activations_quantized": bool(act_quant),
               "validated_graph": "lowered copy of the trt graph (RocketSparseVMatMul -> standard ops)"
               if target == "trt" else "the exported file"}
     if not passed:
@@ -157,6 +172,7 @@ def format_report(report: dict[str, Any]) -> str:
     if len(rows) > 12:   # many KV outputs: keep logits and the worst cache entries per step
         rows = [r for r in rows if r[1] in ("logits", "last_hidden_state")] + \
                sorted([r for r in rows if r[1] not in ("logits", "last_hidden_state")], key=lambda r: -r[4])[:4]
-    head = (f"validation ({report['validated_graph']}; {report['dtype']} tolerance atol={report['tolerance']['atol']} "
+    kind = report["dtype"] + (", quantized activations" if report.get("activations_quantized") else "")
+    head = (f"validation ({report['validated_graph']}; {kind} tolerance atol={report['tolerance']['atol']} "
             f"rtol={report['tolerance']['rtol']}): {'PASSED' if report['passed'] else 'FAILED'}")
     return head + "\n" + format_table(["step", "output", "shape", "max abs", "max rel", "result"], rows)

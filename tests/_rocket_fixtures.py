@@ -45,3 +45,48 @@ def make_artifact(model: torch.nn.Module, tokenizer, out: str) -> str:
     manifest = {"method": "rocket", "storage_dtype": "float16", "layers": records,
                 "budget": {"target_removed_fraction": 0.3}, "source": {}}
     return save_artifact(out, model, tokenizer, manifest)
+
+
+def quantize_rocketized(model: torch.nn.Module, records: dict, scheme: str, group: int = 128,
+                        dense_every: int = 5) -> dict:
+    """Turn a :func:`rocketize` d model into a format-version-2 one: every RocketLinear becomes a QuantRocketLinear
+    (factors quantized with ``scheme``; whitening = identity), and every ``dense_every``-th targeted layer a
+    QuantDenseLinear of its (factorized) weight, so both quantized module types are covered. Updates ``records``."""
+    from rocket_deploy.compress.quantize import quantize_dense, quantize_factors, u_format, v_format
+    from rocket_deploy.quant_linear import QuantDenseLinear, QuantRocketLinear
+    from rocket_deploy.sparse_format import unpack_bits
+    with torch.no_grad():
+        for i, name in enumerate(sorted(records)):
+            rec = records[name]
+            lin = model.get_submodule(name)
+            u = lin.u.double()
+            keep_mask = unpack_bits(lin.v_mask, lin.rank).t() if not lin.is_dense_v else \
+                torch.ones(lin.rank, lin.out_features, dtype=torch.bool)
+            v = lin.dense_v().double()
+            eye = torch.eye(rec["d_in"], dtype=torch.float64)
+            bias = lin.bias.detach().half() if lin.bias is not None else None
+            g = group if scheme == "int4" else None
+            if dense_every and i % dense_every == dense_every - 1:
+                qm = quantize_dense(u @ v, eye, scheme, group, ratios=(1.0,))
+                new = QuantDenseLinear.from_quantized(qm, bias)
+                rec.update(kind="dense", rank=None, keep=None,
+                           quant={"scheme": scheme, "w": u_format(scheme), "group_size": g})
+            else:
+                qf = quantize_factors(u, v, keep_mask, eye, scheme, group, u_metric="diag", v_metric="diag",
+                                      ratios=(1.0,))          # plain max scaling: fast, enough for export tests
+                new = QuantRocketLinear.from_quantized(qf, rec["d_in"], rec["d_out"], bias)
+                rec.update(quant={"scheme": scheme, "u": u_format(scheme), "v": v_format(scheme), "group_size": g})
+            set_module(model, name, new)
+    return records
+
+
+def make_quant_artifact(model: torch.nn.Module, tokenizer, out: str, scheme: str, group: int = 128,
+                        overwrite: bool = False, records: dict | None = None) -> str:
+    """A small format-version-2 (``--quantize``) artifact without calibration: :func:`rocketize` (skipped when
+    ``records`` of an already rocketized ``model`` are given) + :func:`quantize_rocketized`."""
+    import copy
+    records = quantize_rocketized(model, copy.deepcopy(records) if records else rocketize(model), scheme, group)
+    manifest = {"method": "rocket", "storage_dtype": "float16", "layers": records,
+                "config": {"quantize": scheme, "quant_group_size": group},
+                "budget": {"target_removed_fraction": 0.5}, "source": {}}
+    return save_artifact(out, model, tokenizer, manifest, overwrite=overwrite)

@@ -6,7 +6,7 @@ import torch
 
 from rocket_deploy.compress.candidates import candidate_grid, fit_rank
 from rocket_deploy.compress.factorize import balance_factors, eigenbasis, factorize, select_keep_mask
-from rocket_deploy.compress.whitening import inverse_upper, whitening_factor
+from rocket_deploy.compress.whitening import damped_gram, inverse_upper, whitening_factor
 from rocket_deploy.sparse_format import factor_bytes
 
 
@@ -29,6 +29,25 @@ def test_whitening_matches_activation_error():
     dw = torch.randn_like(w)
     assert math.isclose(float(torch.linalg.matrix_norm(x @ dw)), float(torch.linalg.matrix_norm(s @ dw)), rel_tol=1e-9)
     assert torch.allclose(inverse_upper(s) @ s, torch.eye(s.shape[0], dtype=s.dtype), atol=1e-8)
+
+
+def test_damped_whitening_adds_plain_weight_error():
+    """With damping c, ||S dW||^2 = ||X dW||^2 + c * mean(diag(X^T X)) * ||dW||^2 exactly."""
+    x, w = _problem()
+    gram = x.t() @ x
+    assert torch.equal(damped_gram(gram, 0.0), gram)
+    c = 0.05
+    s, _ = whitening_factor(damped_gram(gram, c))
+    dw = torch.randn_like(w)
+    expect = float((x @ dw).square().sum()) + c * float(torch.diagonal(gram).mean()) * float(dw.square().sum())
+    assert math.isclose(float((s @ dw).square().sum()), expect, rel_tol=1e-9)
+
+
+def test_gram_damping_is_validated():
+    from rocket_deploy.config import RocketConfig
+    assert RocketConfig(gram_damping=0.01).gram_damping == 0.01
+    with pytest.raises(ValueError, match="gram_damping"):
+        RocketConfig(gram_damping=-0.1)
 
 
 def test_whitening_jitter_on_singular_gram():

@@ -21,23 +21,33 @@ from ._common import echo_json_line, format_table, friendly_errors
 @click.option("--merge", type=click.Choice(["auto", "never", "always"]), default="auto", show_default=True,
               help="ort target: multiply U V into one weight at session start for layers where that moves fewer "
                    "bytes per token (auto), for none, or for all.")
+@click.option("--int8-compute", type=click.Choice(["weight-only", "dynamic"]), default="weight-only", show_default=True,
+              help="Quantized artifacts, ort target: int8 weights dequantized once at session start (weight-only, "
+                   "exact) or DequantizeLinear -> MatMul, which ONNX Runtime runs as dynamic int8 (activations "
+                   "quantized per call: faster on CPU, not exact; fp32 only).")
+@click.option("--int4-accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="Quantized artifacts, ort target: accuracy_level of the int4 MatMulNBits nodes. 4 (default): "
+                   "int8 activations per block, the fast CPU kernel; 0: float compute (weight-only, exact). See "
+                   "docs/quantization.md.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch comparison.")
 @click.option("--triton-repo", type=click.Path(file_okay=False), default=None,
               help="Also write a Triton model repository here (DIR/<name>/config.pbtxt, DIR/<name>/1/model.*).")
 @click.option("--triton-name", default=None, help="Model name in the Triton repository (default: the --out folder name).")
 @click.option("--overwrite", is_flag=True, help="Replace --out (and the Triton model folder) if they exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
-def export(source, out, target, dtype, dense, external_data, merge, no_validate, triton_repo, triton_name,
-           overwrite, as_json):
+def export(source, out, target, dtype, dense, external_data, merge, int8_compute, int4_accuracy_level, no_validate,
+           triton_repo, triton_name, overwrite, as_json):
     """Export SOURCE (a ROCKET artifact directory) to ONNX at --out/model.onnx and validate it against torch."""
     if os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out} already exists; choose another --out or pass --overwrite")
     with friendly_errors():
         from ..artifact import read_manifest
         from ..export import export_artifact, export_model
+        from ..export.onnx_export import ExportError
         from ..export.validate import ValidationShapeError, format_report
         kw = dict(target=target, dtype=dtype, external_data=True if external_data else None, merge=merge,
-                  validate=not no_validate, overwrite=overwrite)
+                  validate=not no_validate, overwrite=overwrite, int8_compute=int8_compute,
+                  int4_accuracy_level=int4_accuracy_level)
         try:
             if dense:
                 from ..models import load_model
@@ -48,6 +58,8 @@ def export(source, out, target, dtype, dense, external_data, merge, no_validate,
                 res = export_artifact(source, out, **kw)
         except ValidationShapeError as e:
             raise click.ClickException(f"export validation: {e}") from e
+        except ExportError as e:
+            raise click.ClickException(str(e)) from e
         model_dir = None
         if triton_repo:
             from ..export.triton import write_triton_repo
@@ -60,6 +72,9 @@ def export(source, out, target, dtype, dense, external_data, merge, no_validate,
         if "lowering" in res.stats:
             lw = res.stats["lowering"]
             rows.append(["lowering", f"{lw['dense_v']} dense-V, {lw['sparse_v']} packed-V, {lw['merged']} merged"])
+        q = res.stats.get("quantization")
+        if q:
+            rows.append(["quantized", f"{'/'.join(q['formats'])}: {q['compute']} (opset {res.stats['opset']})"])
         if model_dir:
             rows.append(["triton model", model_dir])
         click.echo(format_table(["field", "value"], rows))
@@ -71,4 +86,4 @@ def export(source, out, target, dtype, dense, external_data, merge, no_validate,
     echo_json_line({"out": res.path, "target": target, "dtype": dtype, "bytes": res.file_bytes,
                     "validated": v is not None, "passed": None if v is None else v["passed"],
                     "max_rel": None if v is None else max(o["max_rel"] for s in v["steps"] for o in s["outputs"]),
-                    "triton_model": model_dir, "seconds": res.seconds})
+                    "quantization": res.stats.get("quantization"), "triton_model": model_dir, "seconds": res.seconds})
