@@ -93,7 +93,6 @@ def lower_rocket_nodes(model: ir.Model, merge: str = "auto") -> dict:
         if scales is not None:
             v = tp.op("Mul", [v, scales], name=f"{base}.V_scaled")       # [rank, d_out] * [d_out]
             stats["quant_v"] = stats.get("quant_v", 0) + 1
-        out = node.outputs[0]
         u_node = t.producer()
         do_merge = False
         if merge != "never" and u_node is not None and u_node.op_type == "MatMul" and len(t.uses()) == 1:
@@ -113,20 +112,7 @@ def lower_rocket_nodes(model: ir.Model, merge: str = "auto") -> dict:
             stats["merged"] += 1
         else:
             y = tp.op("MatMul", [t, v], name=f"{base}.matmul_v")
-        if out.dtype is not None:
-            y.dtype = out.dtype
-        if out.shape is not None:
-            y.shape = out.shape
-        graph.insert_before(node, tp.nodes)
-        for init in tp.initializers:
-            if init.name not in graph.initializers:
-                graph.register_initializer(init)
-        was_output, name = out.is_graph_output(), out.name
-        ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
-        if was_output:
-            out.name = f"{name}.replaced"
-            y.name = name
-        graph.remove(node, safe=True)
+        replace_node(graph, node, tp, y)
         if do_merge and not u_node.outputs[0].uses():
             graph.remove(u_node, safe=True)
         stats["lowered"] += 1
@@ -137,6 +123,26 @@ def lower_rocket_nodes(model: ir.Model, merge: str = "auto") -> dict:
             graph.opset_imports.pop(ONNX_DOMAIN, None)
             model.opset_imports.pop(ONNX_DOMAIN, None)
     return stats
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, tape, y: ir.Value) -> None:
+    """Replace single-output ``node`` by what ``tape`` built: its nodes go in before ``node``, its initializers that
+    the graph lacks are registered, every use of the old output moves to ``y`` (which takes the old output's dtype /
+    shape and, where it was a graph output, its name), and ``node`` is removed."""
+    out = node.outputs[0]
+    if out.dtype is not None:
+        y.dtype = out.dtype
+    if out.shape is not None:
+        y.shape = out.shape
+    graph.insert_before(node, tape.nodes)
+    for init in tape.initializers:
+        if init.name not in graph.initializers:
+            graph.register_initializer(init)
+    was_output, name = out.is_graph_output(), out.name
+    ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
+    if was_output:
+        out.name, y.name = f"{name}.replaced", name
+    graph.remove(node, safe=True)
 
 
 def remove_unused_initializers(graph: ir.Graph) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rocket_deploy.hf_compat import cache_kwarg
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.targets import set_module
 
@@ -98,6 +99,7 @@ class DecoderWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.n_layers = decoder_geometry(model.config)[0]
+        self.cache_arg = cache_kwarg(model)   # torch-side keyword only; the graph keeps the past_key_values.* names
 
     def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
         from transformers import DynamicCache
@@ -105,9 +107,9 @@ class DecoderWrapper(nn.Module):
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{self.cache_arg: cache})
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in getattr(out, self.cache_arg).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

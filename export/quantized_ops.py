@@ -416,6 +416,8 @@ def prepare_trt_graph(model) -> dict:
       converter. Returns counts."""
     import onnx_ir as ir
     from onnx_ir import tape as ir_tape
+
+    from .lowering import remove_unused_initializers, replace_node
     graph = model.graph
     stats = {"int4_dq": 0, "int4_zero_correction": 0, "opset": model.opset_imports.get("", 18)}
     shared: dict = {}
@@ -447,20 +449,9 @@ def prepare_trt_graph(model) -> dict:
             corr = tp.op("MatMul", [sums, z_v], name=f"{base}.zero_corr")
             y = tp.op("Add", [y, corr], name=f"{base}.int4_out")
             stats["int4_zero_correction"] += 1
-        out = node.outputs[0]
-        y.dtype, y.shape = out.dtype, out.shape
-        graph.insert_before(node, tp.nodes)
-        for init in tp.initializers:
-            if init.name not in graph.initializers:
-                graph.register_initializer(init)
-        was_output, name = out.is_graph_output(), out.name
-        ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
-        if was_output:
-            out.name, y.name = f"{name}.replaced", name
-        graph.remove(node, safe=True)
+        replace_node(graph, node, tp, y)
         stats["int4_dq"] += 1
     if stats["int4_dq"]:
-        from .lowering import remove_unused_initializers
         remove_unused_initializers(graph)
     if not any(nd.domain == MS_DOMAIN for nd in graph.all_nodes()):
         graph.opset_imports.pop(MS_DOMAIN, None)

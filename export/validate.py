@@ -81,7 +81,6 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
     ``act_quant``: the graph quantizes activations on purpose (int4 MatMulNBits accuracy_level 4, dynamic int8):
     compared against :data:`ACT_QUANT_TOLERANCE` (or the dtype's, whichever is looser)."""
     from .onnx_export import decoder_geometry, is_decoder_model
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.nn.modules.module")
     tol = TOLERANCES[dtype]
     if act_quant:
         tol = {k: max(tol[k], ACT_QUANT_TOLERANCE[k]) for k in tol}
@@ -110,11 +109,15 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
             for k in ("key", "value"):
                 feeds[f"past_key_values.{i}.{k}"] = np.zeros((batch, kv, 0, hd), dtype=fdt)
         from transformers import DynamicCache
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(config=model.config),
-                    use_cache=True)
+
+        from rocket_deploy.hf_compat import cache_kwarg
+        arg = cache_kwarg(model)   # torch-side keyword only; the graph keeps the past_key_values.* names
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{arg: DynamicCache(config=model.config)})
+        past = getattr(out, arg)
         names = ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
         got = sess.run(names, feeds)
-        refs = [out.logits] + [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        refs = [out.logits] + [t for layer in past.layers for t in (layer.keys, layer.values)]
         steps.append({"step": "prefill (empty past)",
                       "outputs": _compare_all(names, got, refs, tol, mask)})
         # decode step: feed the torch present back as past to both (isolates one step's error)
@@ -122,13 +125,12 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
         mask2 = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], 1)
         pos2 = pos[:, -1:] + 1
         feeds = {"input_ids": nxt.numpy(), "attention_mask": mask2.numpy(), "position_ids": pos2.numpy()}
-        for i, layer in enumerate(out.past_key_values.layers):
+        for i, layer in enumerate(past.layers):
             feeds[f"past_key_values.{i}.key"] = layer.keys.numpy().astype(fdt)
             feeds[f"past_key_values.{i}.value"] = layer.values.numpy().astype(fdt)
-        out2 = model(input_ids=nxt, attention_mask=mask2, position_ids=pos2, past_key_values=out.past_key_values,
-                     use_cache=True)
+        out2 = model(input_ids=nxt, attention_mask=mask2, position_ids=pos2, use_cache=True, **{arg: past})
         got2 = sess.run(names, feeds)
-        refs2 = [out2.logits] + [t for layer in out2.past_key_values.layers for t in (layer.keys, layer.values)]
+        refs2 = [out2.logits] + [t for layer in getattr(out2, arg).layers for t in (layer.keys, layer.values)]
         steps.append({"step": f"decode (past {prompt_len})", "outputs": _compare_all(names, got2, refs2, tol, mask2)})
     passed = all(o["passed"] for s in steps for o in s["outputs"])
     report = {"target": target, "dtype": dtype, "tolerance": tol, "passed": passed, "steps": steps,

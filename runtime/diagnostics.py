@@ -143,32 +143,36 @@ def check_onnxruntime() -> Check:
     return Check("onnxruntime", True, f"{info} ({build}); providers: {', '.join(providers)}")
 
 
-@_guard("onnxruntime CUDA EP")
-def check_ort_cuda() -> Check:
+def _ort_ep_check(name: str, provider: str, present: str, missing: str, fix: str) -> Check:
+    """Whether this onnxruntime build has execution provider ``provider``: ``present`` / ``missing`` are the
+    details, ``fix`` the step when it is missing."""
     providers, info = _ort_providers()
-    name = "onnxruntime CUDA EP"
     if providers is None:
         return Check(name, False, f"onnxruntime not importable ({info})", "pip install onnxruntime-gpu")
-    if "CUDAExecutionProvider" in providers:
-        return Check(name, True, "CUDAExecutionProvider compiled in (it loads only with matching CUDA 12 / cuDNN 9 "
-                                 "libraries and a GPU)")
+    if provider in providers:
+        return Check(name, True, present)
+    return Check(name, False, missing, fix)
+
+
+@_guard("onnxruntime CUDA EP")
+def check_ort_cuda() -> Check:
     gpu = "onnxruntime-gpu" in _ort_distributions()
-    return Check(name, False, "CPU build of onnxruntime (no CUDAExecutionProvider)" if not gpu else
-                 "onnxruntime-gpu installed but CUDAExecutionProvider is missing",
-                 "pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
+    return _ort_ep_check("onnxruntime CUDA EP", "CUDAExecutionProvider",
+                         "CUDAExecutionProvider compiled in (it loads only with matching CUDA 12 / cuDNN 9 "
+                         "libraries and a GPU)",
+                         "CPU build of onnxruntime (no CUDAExecutionProvider)" if not gpu else
+                         "onnxruntime-gpu installed but CUDAExecutionProvider is missing",
+                         "pip uninstall -y onnxruntime && pip install onnxruntime-gpu")
 
 
 @_guard("onnxruntime TensorRT EP")
 def check_ort_tensorrt() -> Check:
-    providers, info = _ort_providers()
-    name = "onnxruntime TensorRT EP"
-    if providers is None:
-        return Check(name, False, f"onnxruntime not importable ({info})", "pip install onnxruntime-gpu")
-    if "TensorrtExecutionProvider" in providers:
-        return Check(name, True, "TensorrtExecutionProvider compiled in (needs the TensorRT libraries at run time; "
-                                 "our own engines use `rocket-deploy build` instead)")
-    return Check(name, False, "no TensorrtExecutionProvider in this onnxruntime build",
-                 "pip install onnxruntime-gpu (x86-64 Linux builds include it); not needed for `rocket-deploy build`")
+    return _ort_ep_check("onnxruntime TensorRT EP", "TensorrtExecutionProvider",
+                         "TensorrtExecutionProvider compiled in (needs the TensorRT libraries at run time; "
+                         "our own engines use `rocket-deploy build` instead)",
+                         "no TensorrtExecutionProvider in this onnxruntime build",
+                         "pip install onnxruntime-gpu (x86-64 Linux builds include it); not needed for "
+                         "`rocket-deploy build`")
 
 
 # ---- TensorRT ---------------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Torch backend: runs a transformers model (dense, or a loaded ROCKET artifact) behind :class:`Engine`."""
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
 import torch
+
+from rocket_deploy.hf_compat import cache_kwarg
 
 from .engine import Engine
 
@@ -19,9 +20,7 @@ class TorchEngine(Engine):
         self.tokenizer = tokenizer
         self.is_decoder = bool(getattr(model.config, "is_decoder", False)) or hasattr(model, "lm_head") \
             or "ForCausalLM" in type(model).__name__
-        # transformers >= 5.x names the KV cache ``cache`` (argument and output field); ``past_key_values`` is
-        # deprecated there (FutureWarning on input, a logged warning on output) but is the only name in 4.x.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_arg = cache_kwarg(model)   # ``cache`` (transformers 5.x) or ``past_key_values`` (4.x)
 
     @classmethod
     def from_path(cls, path: str, device: str | None = None) -> "TorchEngine":

@@ -14,6 +14,16 @@ from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.targets import select_targets, set_module
 
 
+def random_sparse_v(r: int, d_out: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random V (r x d_out) that keeps ``k`` random rows in every column: ``(V * keep, keep)``."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(r, d_out, generator=g)
+    keep = torch.zeros(r, d_out, dtype=torch.bool)
+    for j in range(d_out):
+        keep[torch.randperm(r, generator=g)[:k], j] = True
+    return v * keep, keep
+
+
 def rocketize(model: torch.nn.Module, rank_frac: float = 0.75) -> dict:
     targets = select_targets(model, DEFAULT_TARGETS, RocketConfig().exclude)
     records = {}

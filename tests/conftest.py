@@ -31,20 +31,21 @@ def tiny_tok():
     return tiny_tokenizer()
 
 
+def _save_hf_dir(tmp_path_factory, name: str, model, tok) -> str:
+    d = tmp_path_factory.mktemp(name)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tiny_tok):
     """A tiny random Llama saved as a Hugging Face directory (config, weights, tokenizer)."""
     from rocket_deploy.testing import tiny_llama
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(d)
-    tiny_tok.save_pretrained(d)
-    return str(d)
+    return _save_hf_dir(tmp_path_factory, "tiny-llama", tiny_llama(), tiny_tok)
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, tiny_tok):
     from rocket_deploy.testing import tiny_bert
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tiny_bert().save_pretrained(d)
-    tiny_tok.save_pretrained(d)
-    return str(d)
+    return _save_hf_dir(tmp_path_factory, "tiny-bert", tiny_bert(), tiny_tok)

@@ -248,6 +248,30 @@ def test_validation_catches_wrong_weights(artifacts, tmp_path):
         validate_export(res.path, other, target="trt")
 
 
+def test_torch_side_uses_current_cache_api(artifacts, tmp_path, monkeypatch):
+    """The export wrapper and the validation pass the KV cache to torch under transformers' current keyword
+    (``cache`` in 5.x; deprecated ``past_key_values``: FutureWarning on the argument, a logged warning on the
+    output field), while the graph keeps its ``past_key_values.{i}.key`` input names."""
+    import logging
+
+    from rocket_deploy.artifact import load_artifact
+    from rocket_deploy.export.onnx_export import DecoderWrapper, example_inputs
+    res = export_artifact(artifacts["llama"], str(tmp_path / "o"), target="ort", validate=False)
+    assert "past_key_values.0.key" in res.input_names
+    model = load_artifact(artifacts["llama"])[0]
+    logged = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)),
+                        raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with torch.no_grad():
+            outs = DecoderWrapper(model)(*example_inputs(model))
+        rep = validate_export(res.path, model, target="ort")
+    assert not [m for m in logged if "past_key_values" in m or "deprecated" in m], logged
+    assert rep["passed"] and len(outs) == 1 + 2 * model.config.num_hidden_layers
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 def run(args):
     return CliRunner().invoke(main, args)

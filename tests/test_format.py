@@ -5,19 +5,12 @@ import torch
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.sparse_format import factor_bytes, mask_bytes_per_column, pack_bits, pack_v, unpack_bits, unpack_v
 
-
-def _sparse_v(r, d_out, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(r, d_out, generator=g)
-    keep = torch.zeros(r, d_out, dtype=torch.bool)
-    for j in range(d_out):
-        keep[torch.randperm(r, generator=g)[:k], j] = True
-    return v * keep, keep
+from _rocket_fixtures import random_sparse_v
 
 
 @pytest.mark.parametrize("r,k", [(8, 3), (13, 13), (64, 21), (100, 50), (9, 1)])
 def test_pack_roundtrip(r, k):
-    v, keep = _sparse_v(r, 17, k)
+    v, keep = random_sparse_v(r, 17, k)
     values, mask = pack_v(v, keep)
     assert values.shape == (17, k) and mask.shape == (17, mask_bytes_per_column(r)) and mask.dtype == torch.uint8
     assert torch.equal(unpack_v(values, mask, r), v)
@@ -46,7 +39,7 @@ def test_bytes_formula():
 def test_rocket_linear_matches_dense_reconstruction(k):
     torch.manual_seed(0)
     u = torch.randn(24, 16, dtype=torch.float64)
-    v, keep = _sparse_v(16, 40, k)
+    v, keep = random_sparse_v(16, 40, k)
     bias = torch.randn(40, dtype=torch.float64)
     mod = RocketLinear.from_factors(u, v.double(), keep if k < 16 else None, bias, dtype=torch.float64)
     x = torch.randn(3, 5, 24, dtype=torch.float64)

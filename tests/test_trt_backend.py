@@ -983,15 +983,11 @@ def test_build_command_with_fake_builder(fake_build, decoder_onnx, tmp_path):
 # ================================================================================================================
 def sparse_layer(r, d_out, k, seed=0):
     """A packed sparse V (values [d_out, k], mask uint8 [d_out, ceil(r/8)]) and its dense r x d_out form."""
-    import torch
+    from _rocket_fixtures import random_sparse_v
     from rocket_deploy.sparse_format import pack_v
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(r, d_out, generator=g)
-    keep = torch.zeros(r, d_out, dtype=torch.bool)
-    for j in range(d_out):
-        keep[torch.randperm(r, generator=g)[:k], j] = True
+    v, keep = random_sparse_v(r, d_out, k, seed)
     values, mask = pack_v(v, keep)
-    return values.numpy(), mask.numpy(), (v * keep).numpy()
+    return values.numpy(), mask.numpy(), v.numpy()
 
 
 def rocket_op_onnx(path: Path, values: np.ndarray, mask: np.ndarray) -> Path:
