@@ -1,7 +1,8 @@
-"""Regenerate docs/cli.md from the click commands' own help texts: python tools/gen_cli_docs.py"""
+"""Regenerate docs/cli.md from the click commands' own help texts: python tools/gen_cli_docs.py [--check]"""
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -26,8 +27,21 @@ def render() -> str:
     return "\n".join(parts)
 
 
-if __name__ == "__main__":
-    path = os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md")
+def main_entry(argv: list[str]) -> int:
+    path = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md"))
+    text = render()
+    if "--check" in argv:
+        with open(path) as f:
+            if f.read() != text:
+                print(f"{path} is stale: run python tools/gen_cli_docs.py", file=sys.stderr)
+                return 1
+        print(f"{path} is current")
+        return 0
     with open(path, "w") as f:
-        f.write(render())
-    print(f"wrote {os.path.normpath(path)}")
+        f.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_entry(sys.argv[1:]))
