@@ -287,6 +287,17 @@ def test_cli_quantize(tiny_llama_dir, tmp_path):
     r = CliRunner().invoke(main, ["compress", tiny_llama_dir, "--method", "dense-quant", "--out",
                                   str(tmp_path / "bad"), *fast])
     assert r.exit_code == 1 and "dense-quant" in r.output and "Traceback" not in r.output
+    assert not os.path.exists(tmp_path / "bad")
+    # the baseline itself: every targeted layer kept dense and quantized, from the CLI
+    out = str(tmp_path / "dq4")
+    r = CliRunner().invoke(main, ["compress", tiny_llama_dir, "--method", "dense-quant", "--quantize", "int4",
+                                  "--out", out, *fast], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["method"] == "dense-quant" and summary["layers_compressed"] == 0 and summary["layers_dense"] > 0
+    m = json.load(open(os.path.join(out, "rocket.json")))
+    assert all(rec["quant"]["scheme"] == "int4" for rec in m["layers"].values())
+    assert isinstance(rd.load(out), torch.nn.Module)
 
 
 def test_allocation_when_quantized_dense_option_is_dominated(tmp_path):

@@ -44,9 +44,9 @@ def calibration_options(f):
 
 
 def build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, seed, targets, exclude,
-                  byte_fractions, keep_ratios, objective):
+                  byte_fractions, keep_ratios, objective, quantize=None):
     from ..config import CalibrationConfig, RocketConfig
-    kw = {"budget": budget, "method": method}
+    kw = {"budget": budget, "method": method, "quantize": quantize}      # validated together: dense-quant needs quantize
     if targets:
         kw["targets"] = targets
     if exclude:
@@ -110,9 +110,7 @@ def compress(model, budget, out, method, quantize, safeguard, gram_damping, over
         raise click.ClickException(f"{out} already exists; choose another --out or pass --overwrite")
     with friendly_errors():
         config, cal = build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, seed, targets,
-                                    exclude, byte_fractions, keep_ratios, objective)
-        if quantize or method == "dense-quant":
-            config = config.replace(quantize=quantize)      # validated: dense-quant needs --quantize
+                                    exclude, byte_fractions, keep_ratios, objective, quantize)
         config = config.replace(safeguard=safeguard)
         if gram_damping is not None:
             config = config.replace(gram_damping=gram_damping)
