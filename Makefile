@@ -50,8 +50,13 @@ bench-export: setup
 	$(PY) bench/bench_export_ort.py --out $(OUT)/bench-export-ort
 
 # Perplexity against bytes: fp16 / int8 / fp8 / int4, ROCKET and ROCKET + quantization; Pareto plot for the docs.
+# Quantization (docs/benchmarks.md section 5): perplexity vs bytes (profiles kept in $(OUT)/quant/profiles),
+# then the artifacts from the same profiles, their ORT CPU decode speed and the ORT perplexity of the int4 graphs.
 bench-quant: setup
-	$(PY) bench/bench_quantization.py --plot docs/img/quantization-pareto.png
+	$(PY) bench/bench_quantization.py --profile-root $(OUT)/quant/profiles --threads 2 --plot docs/img/quantization-pareto.png
+	RD=$(RD) bash bench/quant_artifacts.sh $(OUT)/quant
+	$(PY) bench/bench_quant_export.py $(addprefix $(OUT)/quant/,rocket-0.3 rocket-0.5 dense-int8 rocket-int8-0.6 rocket-fp8-0.6 dense-int4 rocket-int4-0.76) --threads 1,2 --out $(OUT)/bench-quant-export
+	$(PY) bench/bench_ort_perplexity.py $(OUT)/quant/dense-int4=$(OUT)/bench-quant-export/dense-int4/model.onnx $(OUT)/quant/rocket-int4-0.76=$(OUT)/bench-quant-export/rocket-int4-0.76/model.onnx
 
 clean:
 	rm -rf $(OUT) plugins_trt/build build *.egg-info

@@ -270,8 +270,8 @@ def export_model(model: nn.Module, out_dir: str, *, target: str = "ort", dtype: 
     Quantized models (ort target only): ``int8_compute`` "weight-only" (int8 weights dequantized once at session
     start: exact) or "dynamic" (``DequantizeLinear -> MatMul``, fused by ORT into int8 kernels that quantize the
     activations per call); ``int4_accuracy_level`` of ``MatMulNBits`` (default 4: int8 activations, the fast CPU
-    kernel; 0: float compute, weight-only exact). Graphs whose activations are quantized are validated against a
-    looser tolerance (:data:`rocket_deploy.export.validate.ACT_QUANT_TOLERANCE`).
+    kernel; 0: float compute, weight-only exact). Graphs whose activations are quantized are validated on their
+    outputs' distribution (next-token KL, relative RMS: :data:`rocket_deploy.export.validate.ACT_QUANT_TOLERANCE`).
     """
     import onnx_ir as ir
 

@@ -229,6 +229,32 @@ def test_fp16_storage_is_lossless():
     np.testing.assert_array_equal(y, x @ w16 + x @ w32)
 
 
+def test_activation_quantized_criterion():
+    """Graphs that quantize activations are judged on the next-token distribution (logits) and relative RMS
+    (other outputs): a rounding-sized change with one large outlier passes there (not elementwise); a wrong
+    output fails both."""
+    from rocket_deploy.export.validate import ACT_QUANT_TOLERANCE, TOLERANCES, compare, next_token_kl
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 3, (12, 64)).astype(np.float32)
+    noisy = ref + rng.normal(0, 0.02, ref.shape).astype(np.float32)
+    noisy[3, 5] += 0.5                                       # one outlier: ~5% of the logits' range
+    strict = compare("logits", noisy, ref, TOLERANCES["fp32"])
+    loose = compare("logits", noisy, ref, ACT_QUANT_TOLERANCE, act_quant=True)
+    assert not strict["passed"] and loose["passed"] and loose["max_rel"] == strict["max_rel"] > 0.04
+    assert 0 < loose["kl"] < 1e-2 and loose["top1"] > 0.8
+    wrong = compare("logits", ref[::-1].copy(), ref, ACT_QUANT_TOLERANCE, act_quant=True)
+    assert not wrong["passed"] and wrong["kl"] > 1.0
+    kl, top1 = next_token_kl(ref, ref)
+    assert abs(kl) < 1e-12 and top1 == 1.0
+    kv = rng.normal(0, 1, (2, 4, 7, 8))
+    assert compare("present.0.key", kv * 1.01, kv, ACT_QUANT_TOLERANCE, act_quant=True)["passed"]
+    bad = compare("present.0.key", kv + rng.normal(0, 1.0, kv.shape), kv, ACT_QUANT_TOLERANCE, act_quant=True)
+    assert not bad["passed"] and bad["rel_rms"] > 0.7
+    nan = noisy.copy()
+    nan[0, 0] = np.nan
+    assert not compare("logits", nan, ref, ACT_QUANT_TOLERANCE, act_quant=True)["passed"]
+
+
 def test_validation_catches_wrong_weights(artifacts, tmp_path):
     res = export_artifact(artifacts["llama"], str(tmp_path / "o"), target="trt", validate=False)
     m = onnx.load(res.path)
@@ -242,6 +268,14 @@ def test_validation_catches_wrong_weights(artifacts, tmp_path):
     with pytest.warns(ToleranceWarning, match="EXPORT VALIDATION FAILED"):
         rep = validate_export(bad, model, target="trt")
     assert not rep["passed"]
+    # the looser test of activation-quantized graphs (next-token KL, rel RMS) still catches a grossly wrong
+    # weight (a tiny random model's flat logits hide a scaled q_proj, so an MLP output is corrupted here)
+    init = next(i for i in m.graph.initializer if i.name.endswith("layers.0.mlp.down_proj.v_values"))
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 10.0, init.name))
+    onnx.save(m, bad)
+    with pytest.warns(ToleranceWarning, match="quantized-activation"):
+        rep = validate_export(bad, model, target="trt", act_quant=True)
+    assert not rep["passed"] and rep["activations_quantized"]
     other = tiny_llama(vocab_size=320)             # same layout, other vocab: logits shape differs -> error
     rocketize(other)
     with pytest.raises(ValidationShapeError, match="logits"):
