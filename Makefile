@@ -49,8 +49,8 @@ bench-kernels: setup
 bench-export: setup
 	$(PY) bench/bench_export_ort.py --out $(OUT)/bench-export-ort
 
-# Perplexity against bytes: fp16 / int8 / fp8 / int4, ROCKET and ROCKET + quantization; Pareto plot for the docs.
-# Quantization (docs/benchmarks.md section 5): perplexity vs bytes (profiles kept in $(OUT)/quant/profiles),
+# Quantization (docs/benchmarks.md section 5): perplexity vs bytes for fp16 / int8 / fp8 / int4, ROCKET and
+# ROCKET + quantization, Pareto plot for the docs (profiles kept in $(OUT)/quant/profiles),
 # then the artifacts from the same profiles, their ORT CPU decode speed and the ORT perplexity of the int4 graphs.
 bench-quant: setup
 	$(PY) bench/bench_quantization.py --profile-root $(OUT)/quant/profiles --threads 2 --plot docs/img/quantization-pareto.png

@@ -18,19 +18,28 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
-def nll_and_logits(fn, ids: torch.Tensor, batch: int = 4):
-    nll, count, outs = 0.0, 0, []
+@torch.no_grad()
+def compare_on_text(model, engine, ids: torch.Tensor, batch: int = 4) -> dict:
+    """Torch and ORT on the same batches of ``ids``: perplexities, mean next-token KL and top-1 agreement
+    (accumulated per batch, so no full-vocabulary logits of the whole set are held)."""
+    from rocket_deploy.export.validate import next_token_kl
+    from rocket_deploy.perplexity import next_token_nll_sum
+    t_nll = o_nll = kl_sum = top1_sum = 0.0
+    count = rows = 0
     for i in range(0, ids.shape[0], batch):
         x = ids[i:i + batch]
-        logits = torch.as_tensor(np.asarray(fn(x))).float()
-        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                     reduction="sum"))
+        t = model(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
+        o = torch.from_numpy(engine.forward(x.numpy(), np.ones_like(x.numpy()), None)[0]).float()
+        t_nll += next_token_nll_sum(t, x)
+        o_nll += next_token_nll_sum(o, x)
         count += x[:, 1:].numel()
-        outs.append(logits)
-    return nll / count, torch.cat(outs)
+        kl, top1 = next_token_kl(o.numpy(), t.numpy())
+        n = x.numel()
+        kl_sum, top1_sum, rows = kl_sum + kl * n, top1_sum + top1 * n, rows + n
+    return {"ppl_torch": math.exp(t_nll / count), "ppl_ort": math.exp(o_nll / count),
+            "ratio": math.exp((o_nll - t_nll) / count), "kl": kl_sum / rows, "top1": top1_sum / rows}
 
 
 def main(argv=None):
@@ -53,7 +62,6 @@ def main(argv=None):
     import rocket_deploy as rd
     from rocket_deploy.config import CalibrationConfig
     from rocket_deploy.evaluation import heldout_split
-    from rocket_deploy.export.validate import next_token_kl
     from rocket_deploy.models import load_model
     from rocket_deploy.runtime.ort_backend import OrtEngine
 
@@ -63,16 +71,11 @@ def main(argv=None):
     ids = heldout_split(lm.tokenizer, cal, args.domain, model=lm.model).ids
     rows = []
     for art, onnx_path in pairs:
-        model = rd.load(art).eval()
-        with torch.no_grad():
-            t_nll, t_logits = nll_and_logits(lambda x: model(input_ids=x, attention_mask=torch.ones_like(x)).logits, ids)
         eng = OrtEngine(onnx_path, threads=args.threads, load_tokenizer=False)
-        o_nll, o_logits = nll_and_logits(lambda x: eng.forward(x.numpy(), np.ones_like(x.numpy()), None)[0], ids)
-        kl, top1 = next_token_kl(o_logits.numpy(), t_logits.numpy())
-        rows.append({"artifact": art, "onnx": onnx_path, "ppl_torch": math.exp(t_nll), "ppl_ort": math.exp(o_nll),
-                     "ratio": math.exp(o_nll - t_nll), "kl": kl, "top1": top1})
-        print(f"{onnx_path}: torch {rows[-1]['ppl_torch']:.3f}  ort {rows[-1]['ppl_ort']:.3f}  "
-              f"ratio {rows[-1]['ratio']:.4f}  KL {kl:.2e}  top-1 {top1:.3f}", file=sys.stderr, flush=True)
+        r = {"artifact": art, "onnx": onnx_path, **compare_on_text(rd.load(art).eval(), eng, ids)}
+        rows.append(r)
+        print(f"{onnx_path}: torch {r['ppl_torch']:.3f}  ort {r['ppl_ort']:.3f}  ratio {r['ratio']:.4f}  "
+              f"KL {r['kl']:.2e}  top-1 {r['top1']:.3f}", file=sys.stderr, flush=True)
     print(f"held-out {args.domain}: {ids.shape[0]} x {ids.shape[1]} tokens")
     print("| ONNX file | ppl torch | ppl ORT | ORT / torch | mean KL (nats) | top-1 agreement |")
     print("|---|---|---|---|---|---|")

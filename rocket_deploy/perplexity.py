@@ -7,6 +7,12 @@ import torch
 import torch.nn.functional as F
 
 
+def next_token_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of ``ids`` ([b, seq]) under ``logits`` ([b, seq, vocab])."""
+    logits = logits.float()
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, device: str | torch.device = "cpu") -> float:
     """exp(mean next-token negative log-likelihood) over all predicted positions of ``ids`` ([n, seq])."""
@@ -14,8 +20,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, d
     nll, count = 0.0, 0
     for i in range(0, ids.shape[0], batch_size):
         x = ids[i:i + batch_size].to(device)
-        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
-        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        nll += next_token_nll_sum(model(input_ids=x, attention_mask=torch.ones_like(x)).logits, x)
         count += x[:, 1:].numel()
     return math.exp(nll / count)
 
