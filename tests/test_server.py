@@ -429,13 +429,13 @@ def test_queue_timeout_503_and_generation_timeout_504(engine):
 
         def first():
             with r.client() as c:
-                out["a"] = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
+                out["a"] = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0})
         t = threading.Thread(target=first)
         t.start()
         time.sleep(0.15)                           # A is in its (1 s) prefill
         with r.client() as c:
             t0 = time.monotonic()
-            b = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8})
+            b = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0})
             assert time.monotonic() - t0 < 2.0
         t.join(timeout=10)
         assert_error(b, 503, code="queue_timeout")
@@ -556,7 +556,8 @@ def test_sigterm_subprocess(tmp_path):
         out = {}
 
         def request():
-            out["r"] = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 20}, timeout=20)
+            out["r"] = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 20,
+                                                                  "temperature": 0}, timeout=20)
         t = threading.Thread(target=request)
         t.start()
         t_end = time.monotonic() + 5
@@ -564,7 +565,9 @@ def test_sigterm_subprocess(tmp_path):
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         t.join(timeout=20)
-        assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 20
+        body = out["r"].json()
+        assert out["r"].status_code == 200 and body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 20
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
