@@ -151,6 +151,23 @@ def test_ort_file_is_small(artifacts, tmp_path):
     assert init_bytes(ort_res.path) < 0.6 * init_bytes(trt_res.path)   # trt fp32 stores fp32 values
 
 
+def test_debug_metadata_stripped_unless_asked(artifacts, tmp_path):
+    """The exporter's per-node stack traces (local paths, kB per node) are not shipped by default."""
+    a = artifacts["llama"]
+    lean = export_artifact(a, str(tmp_path / "lean"), target="trt", validate=False)
+    full = export_artifact(a, str(tmp_path / "full"), target="trt", validate=False, debug_metadata=True)
+
+    def node_metadata(path):
+        return [p.key for n in onnx.load(path).graph.node for p in n.metadata_props]
+    assert node_metadata(lean.path) == []
+    assert "pkg.torch.onnx.stack_trace" in node_metadata(full.path)
+    assert lean.stats["stripped_metadata_bytes"] > 100_000
+    assert full.file_bytes - lean.file_bytes > 100_000
+    m = onnx.load(lean.path)
+    assert {p.key: p.value for p in m.metadata_props}["rocket.target"] == "trt"     # the model's own metadata stays
+    assert len(m.graph.node) == len(onnx.load(full.path).graph.node)
+
+
 def test_external_data(artifacts, tmp_path):
     res = export_artifact(artifacts["llama"], str(tmp_path / "o"), external_data=True)
     data = os.path.join(os.path.dirname(res.path), "model.onnx.data")
