@@ -37,7 +37,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-    from rocket_deploy.commands._common import format_table
+    from rocket_deploy.report import format_table
     from rocket_deploy.compress.pipeline import compress, prepare_calibration, run_profile
     from rocket_deploy.config import CalibrationConfig, RocketConfig
     from rocket_deploy.export import export_model

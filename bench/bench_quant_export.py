@@ -43,7 +43,7 @@ def main(argv=None):
     from bench_export_ort import _max_rel
 
     from rocket_deploy.artifact import read_manifest
-    from rocket_deploy.commands._common import format_table
+    from rocket_deploy.report import format_table
     from rocket_deploy.export import export_artifact, export_model
     from rocket_deploy.models import load_model
     from rocket_deploy.runtime.bench import BenchConfig, bench_side_by_side

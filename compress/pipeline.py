@@ -57,7 +57,7 @@ def source_documents(src: str, cal: CalibrationConfig, model, tokenizer, n_calib
         return load_source(src), {}
     if model is None:
         raise CorpusError("the 'selfgen' calibration source samples text from the model; pass the model")
-    from .selfgen import selfgen_documents
+    from rocket_deploy.selfgen import selfgen_documents
     h = cal.heldout_fraction
     n_docs = int(math.ceil(max(n_calib / (1 - h), n_eval / h))) + 2
     docs, path = selfgen_documents(model, tokenizer, n_docs, cal.seq_len, cal.seed)

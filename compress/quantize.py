@@ -7,14 +7,7 @@ ratio of each scale is chosen by a grid search that minimises the *whitened* (ac
 scaling; the ratio 1.0 (max scaling) is always on the grid, so the search never loses to it on the metric
 it evaluates. See docs/quantization.md for the derivations.
 
-Storage forms (what :mod:`rocket_deploy.quant_linear` and the artifact hold):
-
-* ``int8``: ``q int8 [K, N]``, ``scales float32 [N]``; ``M = q * scales`` (symmetric, codes -127..127).
-* ``fp8``:  ``q float8_e4m3fn [K, N]``, ``scales float32 [N]``; ``M = q * scales`` (|q| <= 448).
-* ``int4``: the ONNX Runtime ``MatMulNBits`` layout with ``block_size = group``: ``q uint8 [N, nb, group/2]``
-  (``nb = ceil(K/group)``; two codes per byte, the lower K index in the low nibble; ``K`` padded with zeros to
-  ``nb*group``), ``scales float16 [N, nb]``, ``zeros uint8 [N, ceil(nb/2)]`` (zero points, two per byte, low
-  nibble first); ``M[k, n] = (code - zero) * scale`` -- asymmetric unsigned 4-bit codes 0..15.
+Storage forms and byte accounting: :mod:`rocket_deploy.quant_format`.
 """
 from __future__ import annotations
 
@@ -23,76 +16,14 @@ import math
 
 import torch
 
+from rocket_deploy.quant_format import (DEFAULT_GROUP, FP8_MAX, FP16_TINY, INT4_LEVELS, INT8_MAX, SCALE_BYTES,
+                                         SCHEMES, bytes_fn, check_scheme, dequant_cols, dequant_int4, dequant_matrix,
+                                         matrix_bytes, n_groups, pack_nibbles, quant_dense_bytes, quant_factor_bytes,
+                                         u_format, unpack_nibbles, v_format)
 from rocket_deploy.sparse_format import factor_bytes, mask_bytes_per_column, pack_v
 
-SCHEMES = ("int8", "fp8", "int4")
-INT8_MAX = 127.0
-FP8_MAX = 448.0
-INT4_LEVELS = 15
-DEFAULT_GROUP = 128
 CLIP_RATIOS = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.72, 0.66, 0.6)
-SCALE_BYTES = 4           # per-column scales: float32
-GROUP_SCALE_BYTES = 2     # int4 group scales: float16 (MatMulNBits takes fp16 or fp32 scales)
-_FP16_TINY = 2.0 ** -14   # smallest normal fp16: int4 scales are kept at or above it
 
-
-def u_format(scheme: str) -> str:
-    """Format of U (and of a dense quantized weight) under ``scheme``."""
-    _check_scheme(scheme)
-    return scheme
-
-
-def v_format(scheme: str) -> str:
-    """Format of V's packed values: int8 for ``int4`` (4-bit values next to an 8-bit-per-column bitmask and
-    per-column scales gain little and cost accuracy), else the scheme itself."""
-    _check_scheme(scheme)
-    return "int8" if scheme == "int4" else scheme
-
-
-def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantization scheme must be one of {SCHEMES}, got {scheme!r}")
-
-
-# ----------------------------------------------------------------------------------------------- byte accounting
-def n_groups(k: int, group: int) -> int:
-    return (k + group - 1) // group
-
-
-def matrix_bytes(k: int, n: int, fmt: str, group: int = DEFAULT_GROUP) -> int:
-    """Stored bytes of a ``K x N`` matrix in ``fmt`` including scales (and int4 padding and zero points)."""
-    if fmt in ("int8", "fp8"):
-        return k * n + SCALE_BYTES * n
-    if fmt == "int4":
-        nb = n_groups(k, group)
-        return n * nb * (group // 2) + GROUP_SCALE_BYTES * n * nb + n * ((nb + 1) // 2)
-    raise ValueError(f"unknown format {fmt!r}")
-
-
-def quant_factor_bytes(d_in: int, d_out: int, rank: int, keep: int, scheme: str, group: int = DEFAULT_GROUP) -> int:
-    """Deployed bytes of a quantized ROCKET layer: U in ``u_format`` + V (bitmask when k < r, 1-byte values,
-    one float32 scale per output column)."""
-    uf = u_format(scheme)
-    u = matrix_bytes(d_in, rank, uf, group)
-    v_scales = SCALE_BYTES * d_out
-    # factor_bytes counts U at u_elem_bytes per element and V at 1 byte per value (+ mask when k < r)
-    return factor_bytes(d_in, d_out, rank, keep, u_elem_bytes=0, v_elem_bytes=1, extra_bytes=u + v_scales)
-
-
-def quant_dense_bytes(d_in: int, d_out: int, scheme: str, group: int = DEFAULT_GROUP) -> int:
-    """Bytes of a dense ``d_in x d_out`` weight quantized under ``scheme`` (per output channel / group-wise)."""
-    return matrix_bytes(d_in, d_out, u_format(scheme), group)
-
-
-def bytes_fn(scheme: str | None, group: int = DEFAULT_GROUP):
-    """A ``bytes_fn(d_in, d_out, rank, keep)`` for :func:`compress.candidates.candidate_grid` / ``fit_rank``."""
-    if scheme is None:
-        return factor_bytes
-    _check_scheme(scheme)
-
-    def fn(d_in, d_out, rank, keep):
-        return quant_factor_bytes(d_in, d_out, rank, keep, scheme, group)
-    return fn
 
 
 # ------------------------------------------------------------------------------------------------ error metrics
@@ -125,11 +56,6 @@ def _qmax(fmt: str) -> float:
     return INT8_MAX if fmt == "int8" else FP8_MAX
 
 
-def dequant_cols(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q [K, N] * scales [N]`` in ``dtype``."""
-    return q.to(dtype) * scales.to(dtype)[None, :]
-
-
 def quantize_cols(m: torch.Tensor, fmt: str, hessian: torch.Tensor | None = None,
                   ratios=CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-column symmetric quantization of ``m [K, N]`` with a per-column clip-ratio search.
@@ -158,24 +84,9 @@ def quantize_cols(m: torch.Tensor, fmt: str, hessian: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- group-wise int4
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """``uint8 [..., 2m]`` codes 0..15 -> ``uint8 [..., m]``, element ``2i`` in the low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError("pack_nibbles needs an even last dimension")
-    c = codes.to(torch.uint8)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).contiguous()
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`."""
-    lo = packed & 0x0F
-    hi = packed >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-
-
 def _int4_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (rounded to fp16, the stored dtype) and integer zero point 0..15 of a range ``[lo, hi]``."""
-    scale = ((hi - lo) / INT4_LEVELS).clamp_min(_FP16_TINY).to(torch.float16).to(lo.dtype)
+    scale = ((hi - lo) / INT4_LEVELS).clamp_min(FP16_TINY).to(torch.float16).to(lo.dtype)
     zero = torch.round(-lo / scale).clamp_(0, INT4_LEVELS)
     return scale, zero
 
@@ -246,16 +157,6 @@ def quantize_int4(m: torch.Tensor, group: int = DEFAULT_GROUP, hessian: torch.Te
     return packed, scales16, zeros, deq.reshape(nb * group, n)[:k].contiguous()
 
 
-def dequant_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[K, N]`` matrix from the MatMulNBits-layout storage of :func:`quantize_int4`."""
-    n, nb, _ = packed.shape
-    codes = unpack_nibbles(packed).to(dtype)                        # [N, nb, group]
-    zero = unpack_nibbles(zeros)[:, :nb].to(dtype)                  # [N, nb]
-    w = (codes - zero[:, :, None]) * scales.to(dtype)[:, :, None]
-    return w.reshape(n, -1)[:, :k].t().contiguous()
-
-
 # --------------------------------------------------------------------------------------------- quantized matrix
 @dataclasses.dataclass
 class QuantMatrix:
@@ -282,13 +183,6 @@ def quantize_matrix(m: torch.Tensor, fmt: str, hessian: torch.Tensor | None = No
         return QuantMatrix(fmt, packed, scales, zeros, deq, k, n, group)
     q, scales, deq = quantize_cols(m, fmt, hessian, ratios)
     return QuantMatrix(fmt, q, scales, None, deq, k, n, None)
-
-
-def dequant_matrix(fmt: str, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, k: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if fmt == "int4":
-        return dequant_int4(q, scales, zeros, k, dtype)
-    return dequant_cols(q, scales, dtype)
 
 
 # ------------------------------------------------------------------------------------------ quantized factors
@@ -341,7 +235,7 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
     The pipeline uses "diag" for both (profiling evaluates thousands of candidates); the final errors it
     records are always exact (:func:`factor_error_stats`).
     """
-    _check_scheme(scheme)
+    check_scheme(scheme)
     for name, val in (("u_metric", u_metric), ("v_metric", v_metric)):
         if val not in ("exact", "diag"):
             raise ValueError(f"{name} must be 'exact' or 'diag', got {val!r}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .rocket_op import ONNX_DOMAIN, ONNX_OP
+from rocket_deploy.onnx_contract import ONNX_DOMAIN, ONNX_OP
 
 
 def _attr(node: ir.Node, name: str, default=None):

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from rocket_deploy.hf_compat import cache_kwarg
+from rocket_deploy.onnx_contract import (DATA_FILE, EXPORT_INFO, MODEL_FILE, OPSET, decoder_io_names, encoder_io_names,
+                                         onnx_file_bytes)
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.targets import set_module
 
@@ -42,11 +44,7 @@ INT8_COMPUTE = ("weight-only", "dynamic")
 INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_INT4_ACCURACY_LEVEL = 4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-OPSET = 18
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024 ** 3)
-EXPORT_INFO = "export.json"
 
 
 class ExportError(RuntimeError):
@@ -85,11 +83,8 @@ def decoder_geometry(config) -> tuple[int, int, int]:
 
 def io_names(model: nn.Module) -> tuple[list[str], list[str]]:
     if not is_decoder_model(model):
-        return ["input_ids", "attention_mask"], ["last_hidden_state"]
-    n, _, _ = decoder_geometry(model.config)
-    past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+        return encoder_io_names()
+    return decoder_io_names(decoder_geometry(model.config)[0])
 
 
 class DecoderWrapper(nn.Module):
@@ -191,20 +186,6 @@ def dynamic_shapes(model: nn.Module):
     past = Dim("past_sequence_length", min=0)
     total = Dim("total_sequence_length")
     return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, [{0: batch, 2: past} for _ in range(2 * n)])
-
-
-def onnx_file_bytes(path: str) -> int:
-    """Bytes of an ONNX file plus every external-data file it references."""
-    import onnx
-    total = os.path.getsize(path)
-    m = onnx.load(path, load_external_data=False)
-    files = set()
-    for init in m.graph.initializer:
-        for e in init.external_data:
-            if e.key == "location":
-                files.add(e.value)
-    d = os.path.dirname(os.path.abspath(path))
-    return total + sum(os.path.getsize(os.path.join(d, f)) for f in files if os.path.isfile(os.path.join(d, f)))
 
 
 def translation_table() -> dict:

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rocket_deploy.compress.quantize import dequant_int4
+from rocket_deploy.onnx_contract import MS_DOMAIN
+from rocket_deploy.quant_format import dequant_int4
 from rocket_deploy.quant_linear import QuantDenseLinear, QuantRocketLinear
 
-MS_DOMAIN = "com.microsoft"
 
 
 def fp8_e4m3fn_table() -> np.ndarray:

@@ -23,15 +23,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rocket_deploy.onnx_contract import ONNX_DOMAIN, ONNX_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION, VALUE_TYPES
+from rocket_deploy.onnx_contract import TORCH_OP as OP_NAME
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.sparse_format import full_mask, unpack_v
 
-OP_NAME = "rocket::sparse_v_matmul"
-ONNX_DOMAIN = "rocket"
-ONNX_OP = "RocketSparseVMatMul"
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "rocket"
-VALUE_TYPES = {0: "same as activations", 1: "int8 + per-column scales", 2: "fp8 e4m3 + per-column scales"}
 QUANT_VALUE_DTYPES = {1: torch.int8, 2: torch.float8_e4m3fn}
 
 

@@ -1,7 +1,7 @@
 """ONNX schema of ``rocket.RocketSparseVMatMul`` so that ``onnx.checker`` (and shape inference) know the op."""
 from __future__ import annotations
 
-from .rocket_op import ONNX_DOMAIN, ONNX_OP
+from rocket_deploy.onnx_contract import ONNX_DOMAIN, ONNX_OP, OP_OPSET_VERSION
 
 _REGISTERED = False
 
@@ -12,7 +12,7 @@ def rocket_schema():
     A = defs.OpSchema.Attribute
     AT = defs.OpSchema.AttrType
     return defs.OpSchema(
-        ONNX_OP, ONNX_DOMAIN, 1,
+        ONNX_OP, ONNX_DOMAIN, OP_OPSET_VERSION,
         doc="y = t @ V, V (rank x out_features) packed per column: values [out_features, keep] in row order and a "
             "uint8 bitmask [out_features, ceil(rank/8)] (LSB first). value_type 0: values in the activation dtype; "
             "1: int8 + per-column float32 scales; 2: fp8 e4m3 + scales.",

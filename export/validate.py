@@ -194,7 +194,7 @@ def _compare_all(names, got, refs, tol, mask, act_quant=False) -> list[dict]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    from rocket_deploy.commands._common import format_table
+    from rocket_deploy.report import format_table
     aq = bool(report.get("activations_quantized"))
     rows = []
     for s in report["steps"]:

@@ -22,7 +22,7 @@ def heldout_split(tokenizer, cal: CalibrationConfig, domain: str, samples: int |
     if domain == "selfgen":
         if model is None:
             raise CorpusError("the 'selfgen' evaluation domain samples text from the dense model; pass it")
-        from .compress.selfgen import selfgen_documents
+        from .selfgen import selfgen_documents
         n = samples or cal.eval_samples
         docs, _ = selfgen_documents(model, tokenizer, n + 2, seq_len or cal.seq_len,
                                     cal.seed + SELFGEN_EVAL_SEED_OFFSET)

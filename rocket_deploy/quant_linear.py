@@ -8,21 +8,21 @@
 
 The stored tensors keep their dtypes exactly: ``.to(dtype)`` / ``.half()`` on the model only move them between
 devices (the quantized representation is never re-rounded). The dequantized weights are cached per device and
-compute dtype. Layouts: :mod:`rocket_deploy.compress.quantize` and docs/quantization.md.
+compute dtype. Layouts: :mod:`rocket_deploy.quant_format` and docs/quantization.md.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .compress.quantize import dequant_matrix, n_groups, u_format, v_format
+from .quant_format import dequant_matrix, n_groups, u_format, v_format
 from .sparse_format import full_mask, mask_bytes_per_column, unpack_v
 
 _STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def _matrix_buffers(k: int, n: int, fmt: str, group: int) -> dict[str, torch.Tensor | None]:
-    """Empty storage for a ``K x N`` matrix in ``fmt`` (see compress/quantize.py)."""
+    """Empty storage for a ``K x N`` matrix in ``fmt`` (see rocket_deploy/quant_format.py)."""
     if fmt == "int4":
         nb = n_groups(k, group)
         return {"q": torch.zeros(n, nb, group // 2, dtype=torch.uint8),

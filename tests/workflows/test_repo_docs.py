@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 DOCS = ["serving", "quantization", "plugin", "tensorrt", "export", "benchmarks"]
 # target -> (script or None, what the recipe must run)

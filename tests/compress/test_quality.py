@@ -7,7 +7,7 @@ import torch
 from rocket_deploy.compress import pipeline
 from rocket_deploy.compress.allocate import allocate, resolve_objective
 from rocket_deploy.compress.pipeline import compress, prepare_calibration, run_profile
-from rocket_deploy.compress.selfgen import sample_texts, selfgen_documents
+from rocket_deploy.selfgen import sample_texts, selfgen_documents
 from rocket_deploy.compress.sensitivity import output_sensitivity
 from rocket_deploy.config import CalibrationConfig, RocketConfig
 from rocket_deploy.corpus import load_source, split_documents

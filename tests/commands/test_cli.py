@@ -145,7 +145,7 @@ def test_cli_reference_is_current():
     the test process would depend on which tests ran before."""
     import subprocess
     import sys
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "gen_cli_docs.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout

@@ -11,7 +11,7 @@ import pytest
 
 from rocket_deploy.runtime import kernel_ext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNELS = sorted(p.name for p in (ROOT / "plugins_trt" / "kernels").iterdir() if p.suffix in (".cu", ".h"))
 # What pyproject.toml maps into the package (package-dir) plus what the wheel metadata needs.
 SOURCE_PARTS = ["pyproject.toml", "README.md", "rocket_deploy", "compress", "export", "runtime", "plugins_trt/kernels"]
