@@ -46,6 +46,12 @@ bench: setup
 bench-kernels: setup
 	$(PY) bench/bench_kernels.py
 
+# The one prepared GPU check (docs/plugin.md): extension build, gpu tests, kernel bench, GPU compress, end-to-end
+# decode; writes $(OUT)/gpu-check/gpu_check.{json,md} in < 10 min on one H200. Fails at once without CUDA.
+.PHONY: gpu-check
+gpu-check: setup
+	$(PY) bench/gpu_check.py --out $(OUT)/gpu-check
+
 # SmolLM2-135M on ONNX Runtime (CPU), dense vs ROCKET at budgets 0.2-0.5 (long: one profile, then every budget).
 bench-export: setup
 	$(PY) bench/bench_export_ort.py --out $(OUT)/bench-export-ort

@@ -8,8 +8,8 @@ from rocket_deploy.sparse_format import factor_bytes, factor_params
 
 from .allocate import option_error, resolve_objective
 from .candidates import fit_rank
-from .factorize import factorize
-from .profile import LayerOption, Profile, fisher_error, weight_in_out
+from .factorize import factorize, fisher_error
+from .profile import LayerOption, Profile, weight_in_out
 
 
 def uniform_choice(profile: Profile, targets: dict[str, torch.nn.Module], config: RocketConfig,

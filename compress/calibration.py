@@ -61,16 +61,6 @@ def _accepts_use_cache(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "use_cache")
 
 
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """Outputs (hidden states) of ``block`` for every captured batch."""
-    outs = []
-    for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
-        out = block(h, *a, **kw)
-        outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
-    return outs
-
-
 class GramAccumulator:
     """Forward hooks on a block's target linears accumulating ``X^T X`` (float64) per distinct input.
 

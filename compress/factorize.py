@@ -36,15 +36,17 @@ class Eigenbasis:
         return Eigenbasis(**conv)
 
 
-def eigenbasis(w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tensor | None = None) -> Eigenbasis:
-    """Everything that does not depend on (rank, keep), in float64."""
+def eigenbasis(w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tensor | None = None,
+               z: torch.Tensor | None = None) -> Eigenbasis:
+    """Everything that does not depend on (rank, keep), in float64. ``z`` overrides the whitened target
+    ``S W`` (error propagation, :mod:`.propagate`: ``Z = S_c^-T X_c^T X_d W``)."""
     w64 = w.to(torch.float64)
     s64 = s.to(torch.float64)
     if s_inv is None:
         from .whitening import inverse_upper
         s_inv = inverse_upper(s64)
     s_inv = s_inv.to(torch.float64)
-    z = s64 @ w64
+    z = s64 @ w64 if z is None else z.to(torch.float64)
     evals, evecs = torch.linalg.eigh(z @ z.t())
     order = torch.argsort(evals, descending=True)
     basis = evecs[:, order].contiguous()
@@ -111,8 +113,9 @@ class Factorization:
 
 
 def factorize(eb: Eigenbasis, rank: int, keep: int, lam: float = 0.5, oversparsify: float = 0.005,
-              ridge_rel: float = 1e-3, refit: bool = True) -> Factorization:
-    """Factorize at (rank, keep) from a precomputed :class:`Eigenbasis` (any float dtype)."""
+              ridge_rel: float = 1e-3, refit: bool = True, refit_rounds: int = 0) -> Factorization:
+    """Factorize at (rank, keep) from a precomputed :class:`Eigenbasis` (any float dtype). ``refit_rounds`` > 0
+    then alternates least-squares V on its support with the dictionary refit (:func:`.refit.alternate_refit`)."""
     if not 0 < rank <= eb.basis.shape[1]:
         raise ValueError(f"rank must be in [1, {eb.basis.shape[1]}], got {rank}")
     c = eb.coeffs[:rank]
@@ -122,6 +125,9 @@ def factorize(eb: Eigenbasis, rank: int, keep: int, lam: float = 0.5, oversparsi
         d = eb.basis[:, :rank]          # dense V: the truncated whitened SVD is already least-squares optimal
     else:
         d = ridge_refit(eb.z, v, ridge_rel)
+        if refit_rounds > 0:
+            from .refit import alternate_refit
+            d, v, _ = alternate_refit(eb.z, d, v, mask, refit_rounds, ridge_rel)
     resid = eb.z - d @ v
     col_sq = resid.pow(2).sum(0)
     whitened_sq = float(col_sq.sum())
@@ -140,3 +146,9 @@ def balance_factors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tor
     vmax = v.abs().amax(dim=1).clamp_min(1e-30)
     scale = torch.sqrt(vmax / umax)
     return u * scale[None, :], v / scale[:, None]
+
+
+def fisher_error(col_sq: torch.Tensor, sensitivity: torch.Tensor | None) -> float:
+    """The ``fisher`` objective of a factorization: ``sum_j f_j ||S dW_:,j||^2`` (``col_sq`` the per-column
+    whitened squared errors, ``f`` the output sensitivities); 0 when no sensitivity was measured."""
+    return 0.0 if sensitivity is None else float(col_sq.to(torch.float64) @ sensitivity.to(torch.float64))

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rocket_deploy import __version__
+from rocket_deploy._version import __version__
 from rocket_deploy.artifact import save_artifact
 from rocket_deploy.config import CalibrationConfig, RocketConfig
 from rocket_deploy.corpus import CorpusError, TokenSplit, chunk_tokens, fingerprint, load_source, split_documents
-from rocket_deploy.models import is_causal_lm
+from rocket_deploy.models import check_seq_len, is_causal_lm, model_fingerprint
 from rocket_deploy.quant_linear import QUANT_MODULES
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.sparse_format import artifact_format_version, factor_bytes, factor_params
@@ -36,7 +36,7 @@ from .allocate import Allocation, allocate, resolve_objective
 from .sensitivity import output_sensitivity
 from .baselines import uniform_choice
 from .factorize import balance_factors, factorize
-from .profile import LayerOption, Profile, profile_model, weight_in_out
+from .profile import LayerOption, Profile, profile_mismatch, profile_model, weight_in_out
 
 
 @dataclasses.dataclass
@@ -68,6 +68,8 @@ def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig(),
     """Read the sources, split each one's documents into disjoint calibration / held-out sets, and cut token
     chunks; every source gets an equal share of the samples (a mixed corpus by default)."""
     sources = list(cal.sources)
+    if model is not None:
+        check_seq_len(model, cal.seq_len)          # longer than the model's positions: garbage activations
     info: dict[str, Any] = {"config": cal.to_dict()}
     if "selfgen" in sources and model is not None and not is_causal_lm(model):
         sources.remove("selfgen")                       # an encoder cannot sample text
@@ -129,7 +131,8 @@ def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = Rocket
             sens = output_sensitivity(model, targets, data.calib.ids, calibration.batch_size // 2 or 1, device)
         prof = profile_model(model, targets, data.calib.ids, config, cache_dir,
                              batch_size=calibration.batch_size, device=device, progress=cb,
-                             calibration_info=data.info, sensitivity=sens)
+                             calibration_info={**data.info, "model_fingerprint": model_fingerprint(model)},
+                             sensitivity=sens)
     except BaseException:
         if owned:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -143,6 +146,30 @@ def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = Rocket
 
 
 profile = run_profile  # public name: rocket_deploy.profile
+
+
+def load_or_profile(model: torch.nn.Module, tokenizer, config: RocketConfig, calibration: CalibrationConfig,
+                    data: CalibrationData, profile_dir: str | None, progress: bool = True,
+                    log=None, device: str = "cpu") -> Profile:
+    """Reuse the profile in ``profile_dir`` when it was made from the same calibration tokens and grid
+    (:func:`compress.profile.profile_mismatch`), else profile anew (into ``profile_dir`` when given)."""
+    if profile_dir and os.path.isfile(os.path.join(profile_dir, "profile.json")):
+        prof = Profile.load(profile_dir)
+        fp = model_fingerprint(model)
+        if prof.calibration.get("model_fingerprint") not in (None, fp):      # never overwrite another model's
+            from rocket_deploy.config import ConfigError
+            raise ConfigError(f"the profile in {profile_dir} was made from another model (fingerprint "
+                              f"{prof.calibration['model_fingerprint']}, this model {fp}); pass another --profile-dir")
+        why = profile_mismatch(prof, config, data.info, model_fingerprint=fp,
+                               targets=select_targets(model, config.targets, config.exclude))
+        if why is None:
+            if log:
+                log(f"reusing profile in {profile_dir}")
+            return prof
+        if log:
+            log(f"profile in {profile_dir} cannot be reused ({why}); profiling again")
+    return run_profile(model, tokenizer, config, calibration, data=data, cache_dir=profile_dir, progress=progress,
+                       device=device)
 
 
 @dataclasses.dataclass
@@ -163,13 +190,64 @@ def choose_layers(profile: Profile, targets, config: RocketConfig) -> tuple[dict
     return choice, {"allocator": "uniform", "objective": resolve_objective(profile, config.objective)}
 
 
+def place_factorization(model: torch.nn.Module, name: str, lin: torch.nn.Linear, lp, f, eb, config: RocketConfig) -> dict:
+    """Put factorization ``f`` of ``lin`` into ``model`` as a RocketLinear (factors rounded to the storage dtype)
+    and return its manifest record (errors measured on the rounded factors, whitened by ``eb.s``)."""
+    storage = getattr(torch, config.storage_dtype)
+    u, v = balance_factors(f.u, f.v)
+    u = u.to(storage).to(lin.weight.dtype)
+    v = v.to(storage).to(lin.weight.dtype)
+    bias = lin.bias.detach().to(storage).to(lin.weight.dtype) if lin.bias is not None else None
+    new = RocketLinear.from_factors(u, v, f.keep_mask, bias, dtype=lin.weight.dtype)
+    set_module(model, name, new.to(lin.weight.device))
+    w = weight_in_out(lin).double().cpu()
+    dw = w - (u.double() @ v.double())
+    s = eb.s
+    return dict(kind="rocket", rank=f.rank, keep=f.keep,
+                bytes=factor_bytes(lp.d_in, lp.d_out, f.rank, f.keep),
+                params=factor_params(lp.d_in, lp.d_out, f.rank, f.keep),
+                rel_original=float(torch.linalg.matrix_norm(dw) / torch.linalg.matrix_norm(w)),
+                rel_whitened=float(torch.linalg.matrix_norm(s @ dw) / max(eb.z_norm, 1e-30)),
+                whitened_sq=float((s @ dw).pow(2).sum()))
+
+
+def layer_record(lp) -> dict:
+    return {"d_in": lp.d_in, "d_out": lp.d_out, "has_bias": lp.has_bias, "dense_bytes": lp.dense_bytes,
+            "dense_params": lp.dense_params, "group": lp.group, "jitter": lp.jitter}
+
+
+def keep_dense(lin: torch.nn.Linear, lp, config: RocketConfig) -> dict:
+    """Round a layer kept dense to the storage dtype; its manifest record."""
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.to(getattr(torch, config.storage_dtype)).to(lin.weight.dtype))
+    return dict(kind="dense", rank=None, keep=None, bytes=lp.dense_bytes, params=lp.dense_params,
+                rel_original=0.0, rel_whitened=0.0, whitened_sq=0.0)
+
+
+def round_untouched(model: torch.nn.Module, config: RocketConfig) -> None:
+    """Round every persistent floating-point tensor outside the replaced layers to the storage dtype."""
+    storage = getattr(torch, config.storage_dtype)
+    with torch.no_grad():
+        rocket_names = {n for n, m in model.named_modules() if isinstance(m, (RocketLinear, *QUANT_MODULES))}
+        for key, t in model.state_dict(keep_vars=True).items():   # persistent tensors only, as saved
+            if t.is_floating_point() and key.rpartition(".")[0] not in rocket_names:
+                t.data.copy_(t.data.to(storage).to(t.dtype))
+
+
 def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, LayerOption | None],
-                config: RocketConfig, inplace: bool = False, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+                config: RocketConfig, inplace: bool = False, progress: bool = True,
+                calib_ids: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict]:
     """Replace chosen layers by RocketLinear (factors rounded to the storage dtype, as deployed).
 
     Untouched floating-point tensors are rounded to the storage dtype too, so the returned model computes
-    exactly what the saved artifact loads back to."""
-    storage = getattr(torch, config.storage_dtype)
+    exactly what the saved artifact loads back to. ``config.error_propagation`` refits every chosen layer to the
+    inputs of the already-compressed blocks (:mod:`.propagate`; needs ``calib_ids``)."""
+    if config.error_propagation and not config.quantize and config.method != "svd-llm":
+        if calib_ids is None:
+            raise ValueError("error_propagation re-runs the calibration tokens through the compressed blocks: "
+                             "pass the calibration data (compress(..., data=...)) or set error_propagation=False")
+        from .propagate import materialize_propagated
+        return materialize_propagated(model, profile, choice, config, calib_ids, inplace=inplace)
     if not inplace:
         model = copy.deepcopy(model)
     targets = select_targets(model, config.targets, config.exclude)
@@ -178,8 +256,7 @@ def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, Laye
         lp = profile.layers[name]
         lin = targets[name]
         opt = choice.get(name)
-        rec = {"d_in": lp.d_in, "d_out": lp.d_out, "has_bias": lp.has_bias, "dense_bytes": lp.dense_bytes,
-               "dense_params": lp.dense_params, "group": lp.group, "jitter": lp.jitter}
+        rec = layer_record(lp)
         if config.quantize:     # quantized factors, or the dense weight quantized (docs/quantization.md)
             from .quant_pipeline import materialize_quant_layer
             eb = profile.eigenbasis(name, weight_in_out(lin).cpu())
@@ -187,35 +264,15 @@ def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, Laye
             records[name] = rec
             continue
         if opt is None:
-            rec.update(kind="dense", rank=None, keep=None, bytes=lp.dense_bytes, params=lp.dense_params,
-                       rel_original=0.0, rel_whitened=0.0, whitened_sq=0.0)
-            with torch.no_grad():
-                lin.weight.copy_(lin.weight.to(storage).to(lin.weight.dtype))
+            rec.update(keep_dense(lin, lp, config))
         else:
             eb = profile.eigenbasis(name, weight_in_out(lin).cpu())
+            refit = config.method != "svd-llm"
             f = factorize(eb, opt.rank, opt.keep, config.importance_lambda, config.oversparsify, config.ridge_rel,
-                          refit=config.method != "svd-llm")
-            u, v = balance_factors(f.u, f.v)
-            u = u.to(storage).to(lin.weight.dtype)
-            v = v.to(storage).to(lin.weight.dtype)
-            bias = lin.bias.detach().to(storage).to(lin.weight.dtype) if lin.bias is not None else None
-            new = RocketLinear.from_factors(u, v, f.keep_mask, bias, dtype=lin.weight.dtype)
-            set_module(model, name, new.to(lin.weight.device))
-            w = weight_in_out(lin).double().cpu()
-            dw = w - (u.double() @ v.double())
-            s = eb.s
-            rec.update(kind="rocket", rank=f.rank, keep=f.keep,
-                       bytes=factor_bytes(lp.d_in, lp.d_out, f.rank, f.keep),
-                       params=factor_params(lp.d_in, lp.d_out, f.rank, f.keep),
-                       rel_original=float(torch.linalg.matrix_norm(dw) / torch.linalg.matrix_norm(w)),
-                       rel_whitened=float(torch.linalg.matrix_norm(s @ dw) / max(eb.z_norm, 1e-30)),
-                       whitened_sq=float((s @ dw).pow(2).sum()))
+                          refit=refit, refit_rounds=config.refit_rounds if refit else 0)
+            rec.update(place_factorization(model, name, lin, lp, f, eb, config))
         records[name] = rec
-    with torch.no_grad():
-        rocket_names = {n for n, m in model.named_modules() if isinstance(m, (RocketLinear, *QUANT_MODULES))}
-        for key, t in model.state_dict(keep_vars=True).items():   # persistent tensors only, as saved
-            if t.is_floating_point() and key.rpartition(".")[0] not in rocket_names:
-                t.data.copy_(t.data.to(storage).to(t.dtype))
+    round_untouched(model, config)
     return model, records
 
 
@@ -231,8 +288,9 @@ def safeguarded(model, prof: Profile, targets, choice, config: RocketConfig, dat
     """Materialise the knapsack allocation and uniform allocation at the same budget, keep whichever does
     better on the held-out calibration split (never the evaluation domains)."""
     uni_choice = uniform_choice(prof, targets, config, config.budget, "rocket-uniform")
-    knap_model, knap_rec = materialize(model, prof, choice, config, progress=progress)
-    uni_model, uni_rec = materialize(model, prof, uni_choice, config, progress=progress)
+    ids = data.calib.ids
+    knap_model, knap_rec = materialize(model, prof, choice, config, progress=progress, calib_ids=ids)
+    uni_model, uni_rec = materialize(model, prof, uni_choice, config, progress=progress, calib_ids=ids)
     ids = data.heldout.ids
     q_knap = heldout_quality(knap_model, model, ids)
     q_uni = heldout_quality(uni_model, model, ids)
@@ -261,8 +319,9 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
              progress: bool = True, source: dict | None = None, device: str = "cpu") -> CompressionResult:
     """Compress ``model`` at ``config.budget`` (fraction of targeted bytes removed); save to ``out`` if given."""
     t0 = time.perf_counter()
-    if out is not None and os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out is not None:     # before the work: never replace what is not ours, the parent must be writable
+        from rocket_deploy.safe_io import check_output
+        check_output(out, overwrite, "artifact", inputs=[(source or {}).get("directory")])
     if data is None and profile is None:
         data = prepare_calibration(tokenizer, calibration, model)
     prof = profile or run_profile(model, tokenizer, config, calibration, data=data, progress=progress, device=device)
@@ -281,7 +340,8 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
             new_model, records, guard = safeguarded(model, prof, targets, choice, config, data, progress)
             alloc_info["safeguard"] = guard
         else:
-            new_model, records = materialize(model, prof, choice, config, inplace=inplace, progress=progress)
+            new_model, records = materialize(model, prof, choice, config, inplace=inplace, progress=progress,
+                                             calib_ids=data.calib.ids if data is not None else None)
         t3 = time.perf_counter()
         manifest = {
             "format_version": artifact_format_version(bool(config.quantize)), "method": config.method, "created_by": f"rocket-deploy {__version__}",

@@ -22,7 +22,7 @@ from rocket_deploy.targets import block_targets, find_blocks
 
 from .calibration import GramAccumulator, capture_block_inputs
 from .candidates import candidate_grid
-from .factorize import Eigenbasis, eigenbasis, factorize
+from .factorize import Eigenbasis, eigenbasis, factorize, fisher_error
 from .whitening import damped_gram, inverse_upper, whitening_factor
 
 PROFILE_VERSION = 1
@@ -119,8 +119,35 @@ class Profile:
         return cls(layers, cache_dir, d["calibration"], d["grid"], d.get("seconds", 0.0))
 
 
-def fisher_error(col_sq: torch.Tensor, sensitivity: torch.Tensor | None) -> float:
-    return 0.0 if sensitivity is None else float(col_sq.to(torch.float64) @ sensitivity.to(torch.float64))
+def profile_grid(config: RocketConfig) -> dict:
+    """Every setting that changes what a profile holds (a profile is reusable only for the same grid)."""
+    grid = {"byte_fractions": list(config.byte_fractions), "keep_ratios": list(config.keep_ratios),
+            "rank_multiple": config.rank_multiple, "importance_lambda": config.importance_lambda,
+            "oversparsify": config.oversparsify, "ridge_rel": config.ridge_rel,
+            "gram_damping": config.gram_damping}
+    if config.quantize:
+        grid.update(quantize=config.quantize, quant_group_size=config.quant_group_size,
+                    quant_method=config.quant_method, quant_act_order=config.quant_act_order)
+    return grid
+
+
+def profile_mismatch(profile: "Profile", config: RocketConfig, calibration_info: dict,
+                     model_fingerprint: str | None = None, targets=None) -> str | None:
+    """Why ``profile`` cannot serve ``config`` on this calibration data (None: it can be reused). When given, the
+    model's fingerprint (:func:`rocket_deploy.models.model_fingerprint`) and target layer names must match too."""
+    if model_fingerprint is not None and profile.calibration.get("model_fingerprint") != model_fingerprint:
+        have = profile.calibration.get("model_fingerprint")
+        return (f"it was made from another model (fingerprint {have}, this model {model_fingerprint})" if have
+                else "it records no model fingerprint (made by an older rocket-deploy)")
+    if targets is not None and sorted(targets) != sorted(profile.layers):
+        return "it profiled other layers (--targets / --exclude differ)"
+    if profile.calibration.get("calib_sha256_16") != calibration_info.get("calib_sha256_16"):
+        return "it was made from other calibration tokens"
+    want, have = profile_grid(config), profile.grid
+    diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+    if diff:
+        return "its grid differs in " + ", ".join(diff)
+    return None
 
 
 def _fname(name: str) -> str:
@@ -204,12 +231,7 @@ def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: to
                 progress(block=bi, n_blocks=n_blocks, layer=name, n_candidates=len(options))
         inputs.hidden = outs     # dense propagation: the next block sees the original model's activations
         del acc, factors
-    grid = {"byte_fractions": list(config.byte_fractions), "keep_ratios": list(config.keep_ratios),
-            "rank_multiple": config.rank_multiple, "importance_lambda": config.importance_lambda,
-            "oversparsify": config.oversparsify, "ridge_rel": config.ridge_rel,
-            "gram_damping": config.gram_damping}
-    if config.quantize:
-        grid.update(quantize=config.quantize, quant_group_size=config.quant_group_size)
+    grid = profile_grid(config)
     if sensitivity:
         save_file({k: v.contiguous() for k, v in sensitivity.items()}, os.path.join(cache_dir, "sensitivity.safetensors"))
     prof = Profile(layers, cache_dir, calibration_info or {}, grid, time.perf_counter() - t0)

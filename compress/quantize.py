@@ -96,36 +96,27 @@ def _int4_deq(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple
     return codes, (codes - zero) * scale
 
 
-def quantize_int4(m: torch.Tensor, group: int = DEFAULT_GROUP, hessian: torch.Tensor | None = None,
-                  ratios=CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric group-wise 4-bit quantization of ``m [K, N]``, groups of ``group`` rows along ``K``.
-
-    Range of a (group, column): ``[a * min(x, 0), a * max(x, 0)]`` (zero always representable), clip ratio ``a``
-    searched per (group, column) minimising ``dM_g^T H_gg dM_g`` -- the whitened error with the diagonal
-    ``group x group`` block of ``H`` (exact inside a group; the couplings between groups are left out, which
-    keeps the search separable). ``hessian`` may be the full ``K x K`` Gram, its diagonal, or None.
-    Returns ``(packed uint8 [N, nb, group/2], scales float16 [N, nb], zeros uint8 [N, ceil(nb/2)],
-    dequantized [K, N] in m.dtype)``.
-    """
-    if group < 2 or group % 2:
-        raise ValueError(f"int4 group size must be even and >= 2, got {group}")
-    k, n = m.shape
+def int4_diag_blocks(hessian: torch.Tensor | None, k: int, group: int) -> torch.Tensor | None:
+    """The ``[nb, group, group]`` diagonal blocks of a ``K x K`` Gram (zero-padded to ``nb * group``), its padded
+    diagonal ``[nb, group]`` when ``hessian`` is 1-D, or None."""
+    if hessian is None:
+        return None
     nb = n_groups(k, group)
     pad = nb * group - k
-    mp = torch.cat([m, m.new_zeros(pad, n)]) if pad else m
-    x = mp.reshape(nb, group, n)                         # [nb, group, N]
-    if hessian is None:
-        hblk = None
-    elif hessian.dim() == 1:
+    if hessian.dim() == 1:
         hp = torch.cat([hessian, hessian.new_zeros(pad)]) if pad else hessian
-        hblk = hp.reshape(nb, group)
-    else:
-        hp = hessian
-        if pad:
-            hp = torch.zeros(nb * group, nb * group, dtype=hessian.dtype)
-            hp[:k, :k] = hessian
-        idx = torch.arange(nb)
-        hblk = hp.reshape(nb, group, nb, group)[idx, :, idx, :]       # [nb, group, group] diagonal blocks
+        return hp.reshape(nb, group)
+    hp = hessian
+    if pad:
+        hp = torch.zeros(nb * group, nb * group, dtype=hessian.dtype)
+        hp[:k, :k] = hessian
+    idx = torch.arange(nb)
+    return hp.reshape(nb, group, nb, group)[idx, :, idx, :]
+
+
+def int4_search(x: torch.Tensor, hblk: torch.Tensor | None, ratios=CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (group, column) scale and zero point of ``x [nb, group, N]`` (zero-padded rows) by the clip-ratio search
+    on ``dM_g^T H_gg dM_g`` (``hblk`` from :func:`int4_diag_blocks`). Returns ``(scale, zero)``, each ``[nb, N]``."""
     lo0 = x.amin(dim=1).clamp(max=0)                   # [nb, N]
     hi0 = x.amax(dim=1).clamp(min=0)
     best = None
@@ -145,16 +136,52 @@ def quantize_int4(m: torch.Tensor, group: int = DEFAULT_GROUP, hessian: torch.Te
             better = err < best[0]
             best = [torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
                      torch.where(better, zero, best[2])]
-    _, scale, zero = best
-    codes, deq = _int4_deq(x, scale[:, None, :], zero[:, None, :])
-    codes = codes.to(torch.uint8).permute(2, 0, 1)                 # [N, nb, group]
-    packed = pack_nibbles(codes)
+    return best[1], best[2]
+
+
+def int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MatMulNBits storage of codes ``[K, N]`` (0..15) with ``scale, zero [nb, N]``: ``(packed uint8
+    [N, nb, group/2], scales float16 [N, nb], zeros uint8 [N, ceil(nb/2)])``; K is zero-padded to ``nb*group``."""
+    k, n = codes.shape
+    nb = scale.shape[0]
+    pad = nb * group - k
+    c = codes.to(torch.uint8)
+    if pad:
+        c = torch.cat([c, torch.zeros(pad, n, dtype=torch.uint8)])
+    packed = pack_nibbles(c.reshape(nb, group, n).permute(2, 0, 1))
     zcodes = zero.to(torch.uint8).t()                               # [N, nb]
     if nb % 2:
         zcodes = torch.cat([zcodes, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
-    zeros = pack_nibbles(zcodes)
-    scales16 = scale.t().to(torch.float16).contiguous()
+    return packed, scale.t().to(torch.float16).contiguous(), pack_nibbles(zcodes)
+
+
+def quantize_int4(m: torch.Tensor, group: int = DEFAULT_GROUP, hessian: torch.Tensor | None = None,
+                  ratios=CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise 4-bit quantization of ``m [K, N]``, groups of ``group`` rows along ``K``.
+
+    Range of a (group, column): ``[a * min(x, 0), a * max(x, 0)]`` (zero always representable), clip ratio ``a``
+    searched per (group, column) minimising ``dM_g^T H_gg dM_g`` -- the whitened error with the diagonal
+    ``group x group`` block of ``H`` (exact inside a group; the couplings between groups are left out, which
+    keeps the search separable). ``hessian`` may be the full ``K x K`` Gram, its diagonal, or None.
+    Returns ``(packed uint8 [N, nb, group/2], scales float16 [N, nb], zeros uint8 [N, ceil(nb/2)],
+    dequantized [K, N] in m.dtype)``.
+    """
+    check_group(group)
+    k, n = m.shape
+    nb = n_groups(k, group)
+    pad = nb * group - k
+    mp = torch.cat([m, m.new_zeros(pad, n)]) if pad else m
+    x = mp.reshape(nb, group, n)                         # [nb, group, N]
+    scale, zero = int4_search(x, int4_diag_blocks(hessian, k, group), ratios)
+    codes, deq = _int4_deq(x, scale[:, None, :], zero[:, None, :])
+    packed, scales16, zeros = int4_pack(codes.reshape(nb * group, n)[:k], scale, zero, group)
     return packed, scales16, zeros, deq.reshape(nb * group, n)[:k].contiguous()
+
+
+def check_group(group: int) -> None:
+    if group < 2 or group % 2:
+        raise ValueError(f"int4 group size must be even and >= 2, got {group}")
 
 
 # --------------------------------------------------------------------------------------------- quantized matrix
@@ -220,7 +247,8 @@ def normalize_components(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> t
 
 def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, s: torch.Tensor, scheme: str,
                      group: int = DEFAULT_GROUP, u_metric: str = "exact", v_metric: str = "exact",
-                     ratios=CLIP_RATIOS) -> QuantFactors:
+                     ratios=CLIP_RATIOS, u_method: str = "rtn", act_order: bool = False, v_refit: bool = False,
+                     z: torch.Tensor | None = None, hinv_factor: torch.Tensor | None = None) -> QuantFactors:
     """Quantize a factorization ``W ~ U V`` for deployment, minimising the whitened error ``||S(W - U_q V_q)||``.
 
     1. normalize the rank components (:func:`normalize_components`);
@@ -234,6 +262,12 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
        scales; ``v_metric`` "exact": the full ``r x r`` matrix, "diag": its diagonal ``||S U_q,i||^2``).
     The pipeline uses "diag" for both (profiling evaluates thousands of candidates); the final errors it
     records are always exact (:func:`factor_error_stats`).
+
+    Factor-aware options (docs/quantization.md, "GPTQ"): ``u_method="gptq"`` quantizes U by GPTQ with ``H``
+    (the layer's input Gram; ``act_order``, ``hinv_factor`` as in :func:`compress.gptq.gptq_quantize`) instead
+    of step 2's round-to-nearest; ``v_refit`` re-solves V's kept values by least squares on each column's
+    support against ``z`` (``S W``; default ``S U V``) given ``S U_q`` (:mod:`compress.quant_refit`) before
+    step 3 quantizes them.
     """
     check_scheme(scheme)
     for name, val in (("u_metric", u_metric), ("v_metric", v_metric)):
@@ -244,8 +278,18 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
     v = v.to(dt) * keep_mask.to(dt)
     u, v = normalize_components(u, v, s)
     h = gram_of(s)
-    uq = quantize_matrix(u, u_format(scheme), h if u_metric == "exact" else torch.diagonal(h).clone(), group, ratios)
+    if u_method == "gptq":
+        from .gptq import gptq_quantize
+        uq = gptq_quantize(u, h, u_format(scheme), group, act_order, ratios=ratios, hinv_factor=hinv_factor)
+    elif u_method == "rtn":
+        uq = quantize_matrix(u, u_format(scheme), h if u_metric == "exact" else torch.diagonal(h).clone(), group,
+                             ratios)
+    else:
+        raise ValueError(f"u_method must be 'rtn' or 'gptq', got {u_method!r}")
     su = s @ uq.deq
+    if v_refit:
+        from .quant_refit import refit_v_on_support
+        v = refit_v_on_support(su, (z.to(dt) if z is not None else s @ (u @ v)), keep_mask)
     hv = su.t() @ su if v_metric == "exact" else su.pow(2).sum(0)
     vq, v_scales, v_deq = quantize_cols(v, v_format(scheme), hv, ratios)
     v_deq = v_deq * keep_mask.to(dt)

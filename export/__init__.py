@@ -4,8 +4,11 @@
     res = export_artifact("smol-0.3", "smol-0.3-onnx", target="ort", dtype="fp32")
     print(res.path, res.file_bytes, res.validation["passed"])
 """
-from .onnx_export import (DTYPES, TARGETS, ExportError, ExportResult, export_artifact, export_model, io_names,
-                          onnx_file_bytes)
+from rocket_deploy.onnx_contract import onnx_file_bytes
+
+from .graph_io import io_names
+from .onnx_export import ExportResult, export_artifact, export_model
+from .options import DTYPES, TARGETS, ExportError
 
 __all__ = ["DTYPES", "TARGETS", "ExportError", "ExportResult", "export_artifact", "export_model", "io_names",
            "onnx_file_bytes"]

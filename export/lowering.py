@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from rocket_deploy.onnx_contract import ONNX_DOMAIN, ONNX_OP
+from rocket_deploy.onnx_contract import ONNX_OP, PLUGIN_DOMAINS
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -25,7 +25,8 @@ def _attr(node: ir.Node, name: str, default=None):
 
 
 def rocket_nodes(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.domain == ONNX_DOMAIN and n.op_type == ONNX_OP]
+    """The ``RocketSparseVMatMul`` nodes of ``graph``, in any of the plugin domains."""
+    return [n for n in graph if n.domain in PLUGIN_DOMAINS and n.op_type == ONNX_OP]
 
 
 def _const(tape, name: str, array: np.ndarray) -> ir.Value:
@@ -119,9 +120,9 @@ def lower_rocket_nodes(model: ir.Model, merge: str = "auto") -> dict:
     if stats["lowered"]:
         remove_unused_initializers(graph)
         used = {n.domain for n in graph.all_nodes()}
-        if ONNX_DOMAIN not in used:
-            graph.opset_imports.pop(ONNX_DOMAIN, None)
-            model.opset_imports.pop(ONNX_DOMAIN, None)
+        for domain in set(PLUGIN_DOMAINS) - used:
+            graph.opset_imports.pop(domain, None)
+            model.opset_imports.pop(domain, None)
     return stats
 
 

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rocket_deploy.onnx_contract import ONNX_DOMAIN, ONNX_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION, VALUE_TYPES
+from rocket_deploy.onnx_contract import (ONNX_DOMAIN, ONNX_OP, OP_OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION,
+                                         VALUE_TYPES)
 from rocket_deploy.onnx_contract import TORCH_OP as OP_NAME
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.sparse_format import full_mask, unpack_v
@@ -74,11 +75,10 @@ def onnx_translation(t, values, mask, rank: int, keep: int, out_features: int, v
 
     from .schema import register_rocket_schema
     register_rocket_schema()
-    rocket = onnxscript.values.Opset(ONNX_DOMAIN, 1)
+    rocket = onnxscript.values.Opset(ONNX_DOMAIN, OP_OPSET_VERSION)
     inputs = (t, values, mask) if value_type == 0 else (t, values, mask, scales)
-    return rocket.RocketSparseVMatMul(*inputs, plugin_version=PLUGIN_VERSION,
-                                      plugin_namespace=PLUGIN_NAMESPACE, rank=rank, keep=keep,
-                                      out_features=out_features, value_type=value_type)
+    return getattr(rocket, ONNX_OP)(*inputs, plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE,
+                                    rank=rank, keep=keep, out_features=out_features, value_type=value_type)
 
 
 def custom_translation_table() -> dict:

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rocket_deploy.onnx_contract import (ATTENTION_MASK, INPUT_IDS, KV_KINDS, LAST_HIDDEN_STATE, LOGITS, POSITION_IDS,
+                                         TOKEN_TYPE_IDS, decoder_io_names, past_name)
+
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 2e-2, "rtol": 3e-2}}
 # Graphs that quantize activations on purpose (MatMulNBits accuracy_level 4, --int8-compute dynamic): the error is
 # the activation rounding itself, not an export bug, and an elementwise bound is the wrong test. Measured on
@@ -92,7 +95,7 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, tol: dict, act_quant: b
            "rel_rms": rel_rms}
     if not act_quant:
         res["passed"] = finite and diff <= tol["atol"] + tol["rtol"] * scale
-    elif name == "logits":
+    elif name == LOGITS:
         res["kl"], res["top1"] = next_token_kl(g, r) if finite else (float("inf"), 0.0)
         res["passed"] = finite and res["kl"] <= tol["kl"] and rel_rms <= tol["logits_rel_rms"]
     else:
@@ -107,7 +110,7 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
     """Compare the exported graph at ``path`` with ``model`` (fp32 torch). Returns the report dict.
     ``act_quant``: the graph quantizes activations on purpose (int4 MatMulNBits accuracy_level 4, dynamic int8):
     judged by :data:`ACT_QUANT_TOLERANCE` (next-token KL, relative RMS) instead of the dtype's elementwise bound."""
-    from .onnx_export import decoder_geometry, is_decoder_model
+    from .graph_io import decoder_geometry, is_decoder_model
     tol = dict(ACT_QUANT_TOLERANCE) if act_quant else TOLERANCES[dtype]
     sess = session or ort_session_for(path, target)
     model = model.eval() if next(model.parameters()).dtype == torch.float32 else model.eval().float()
@@ -121,19 +124,24 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
     fdt = np.float16 if any("float16" in t for t in in_types.values()) else np.float32
     steps: list[dict[str, Any]] = []
     if not is_decoder_model(model):
-        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        got = sess.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        feeds, kw = {INPUT_IDS: ids.numpy(), ATTENTION_MASK: mask.numpy()}, {}
+        if TOKEN_TYPE_IDS in in_types:      # BERT-style: random segments, so the token-type path is checked too
+            n_types = int(getattr(model.config, "type_vocab_size", 1) or 1)
+            kw[TOKEN_TYPE_IDS] = torch.randint(0, n_types, ids.shape, generator=g)
+            feeds[TOKEN_TYPE_IDS] = kw[TOKEN_TYPE_IDS].numpy()
+        ref = model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+        got = sess.run([LAST_HIDDEN_STATE], feeds)[0]
         valid = mask.bool().numpy()   # padded positions are not defined outputs
-        steps.append({"step": "encode", "outputs": [compare("last_hidden_state", got[valid], ref.numpy()[valid], tol,
+        steps.append({"step": "encode", "outputs": [compare(LAST_HIDDEN_STATE, got[valid], ref.numpy()[valid], tol,
                                                            act_quant)]})
     else:
         n, kv, hd = decoder_geometry(model.config)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         pos = torch.where(mask.bool(), pos, torch.ones_like(pos))
-        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+        feeds = {INPUT_IDS: ids.numpy(), ATTENTION_MASK: mask.numpy(), POSITION_IDS: pos.numpy()}
         for i in range(n):
-            for k in ("key", "value"):
-                feeds[f"past_key_values.{i}.{k}"] = np.zeros((batch, kv, 0, hd), dtype=fdt)
+            for k in KV_KINDS:
+                feeds[past_name(i, k)] = np.zeros((batch, kv, 0, hd), dtype=fdt)
         from transformers import DynamicCache
 
         from rocket_deploy.hf_compat import cache_kwarg
@@ -141,7 +149,7 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                     **{arg: DynamicCache(config=model.config)})
         past = getattr(out, arg)
-        names = ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
+        names = decoder_io_names(n)[1]                  # logits, present.{i}.key / .value
         got = sess.run(names, feeds)
         refs = [out.logits] + [t for layer in past.layers for t in (layer.keys, layer.values)]
         steps.append({"step": "prefill (empty past)",
@@ -150,10 +158,10 @@ def validate_export(path: str, model: torch.nn.Module, *, target: str = "ort", d
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         mask2 = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], 1)
         pos2 = pos[:, -1:] + 1
-        feeds = {"input_ids": nxt.numpy(), "attention_mask": mask2.numpy(), "position_ids": pos2.numpy()}
+        feeds = {INPUT_IDS: nxt.numpy(), ATTENTION_MASK: mask2.numpy(), POSITION_IDS: pos2.numpy()}
         for i, layer in enumerate(past.layers):
-            feeds[f"past_key_values.{i}.key"] = layer.keys.numpy().astype(fdt)
-            feeds[f"past_key_values.{i}.value"] = layer.values.numpy().astype(fdt)
+            feeds[past_name(i, KV_KINDS[0])] = layer.keys.numpy().astype(fdt)
+            feeds[past_name(i, KV_KINDS[1])] = layer.values.numpy().astype(fdt)
         out2 = model(input_ids=nxt, attention_mask=mask2, position_ids=pos2, use_cache=True, **{arg: past})
         got2 = sess.run(names, feeds)
         refs2 = [out2.logits] + [t for layer in getattr(out2, arg).layers for t in (layer.keys, layer.values)]
@@ -179,7 +187,7 @@ def _compare_all(names, got, refs, tol, mask, act_quant=False) -> list[dict]:
     valid = mask.bool().numpy()
     for name, gv, rv in zip(names, got, refs):
         rv = rv.float().numpy()
-        if name == "logits":            # logits at padded positions are undefined
+        if name == LOGITS:              # logits at padded positions are undefined
             q = valid[:, -gv.shape[1]:]
             if gv.shape != rv.shape:
                 raise ValidationShapeError(f"output 'logits': ONNX shape {gv.shape} != torch shape {rv.shape}")
@@ -204,8 +212,8 @@ def format_report(report: dict[str, Any]) -> str:
                 row += [o.get("rel_rms", ""), o.get("kl", ""), o.get("top1", "")]
             rows.append(row + ["pass" if o["passed"] else "FAIL"])
     if len(rows) > 12:   # many KV outputs: keep logits and the worst cache entries per step
-        rows = [r for r in rows if r[1] in ("logits", "last_hidden_state")] + \
-               sorted([r for r in rows if r[1] not in ("logits", "last_hidden_state")], key=lambda r: -r[4])[:4]
+        rows = [r for r in rows if r[1] in (LOGITS, LAST_HIDDEN_STATE)] + \
+               sorted([r for r in rows if r[1] not in (LOGITS, LAST_HIDDEN_STATE)], key=lambda r: -r[4])[:4]
     tol = report["tolerance"]
     if aq:
         rule = (f"{report['dtype']}, quantized activations: logits next-token KL <= {tol['kl']} nats and rel RMS <= "

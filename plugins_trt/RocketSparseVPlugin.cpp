@@ -38,6 +38,7 @@ constexpr char const* kFIELD_PLUGIN_VERSION{"plugin_version"};
 constexpr char const* kFIELD_PLUGIN_NAMESPACE{"plugin_namespace"};
 
 std::atomic<ILoggerFinder*> gLoggerFinder{nullptr};
+std::atomic<ILogger*> gExplicitLogger{nullptr};  //!< from initRocketTrtPlugins, used when no finder was set
 
 char const* severityTag(ILogger::Severity s)
 {
@@ -149,6 +150,10 @@ void logMessage(ILogger::Severity severity, std::string const& msg) noexcept
     {
         ILoggerFinder* finder = gLoggerFinder.load();
         ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
+        if (logger == nullptr)
+        {
+            logger = gExplicitLogger.load();
+        }
         std::string const text = prefixed(msg);
         if (logger != nullptr)
         {
@@ -580,8 +585,18 @@ PluginFieldCollection const* RocketSparseVPlugin::getFieldsToSerialize() noexcep
 // ================================================================================================================
 // RocketSparseVPluginCreator
 // ================================================================================================================
+namespace
+{
+//! The kernel launcher's one-time fallback notes (small / misaligned workspace, no tensor cores) -> TensorRT's log.
+void kernelLog(int severity, char const* msg, void* /*user*/)
+{
+    logMessage(severity == kROCKET_LOG_WARNING ? ILogger::Severity::kWARNING : ILogger::Severity::kINFO, msg);
+}
+} // namespace
+
 RocketSparseVPluginCreator::RocketSparseVPluginCreator()
 {
+    rocketSparseVSetLogger(&kernelLog, nullptr);
     mFieldNames.emplace_back(kFIELD_RANK, nullptr, PluginFieldType::kINT32, 1);
     mFieldNames.emplace_back(kFIELD_KEEP, nullptr, PluginFieldType::kINT32, 1);
     mFieldNames.emplace_back(kFIELD_OUT_FEATURES, nullptr, PluginFieldType::kINT32, 1);
@@ -773,15 +788,34 @@ IPluginRegistry* findGlobalRegistry() noexcept
 }
 
 std::mutex gRegistrationMutex;
-IPluginRegistry* gStaticRegistry{nullptr};  //!< where the load-time registration went (nullptr: none)
+IPluginRegistry* gStaticRegistry{nullptr};  //!< where a load-time / explicit registration went (nullptr: none)
 
+//! Register the creator with `registry` unless a creator of this name is there already (another copy of the
+//! library, or an earlier call). Returns false when the registry refuses it.
+bool registerWith(IPluginRegistry* registry) noexcept
+{
+    std::lock_guard<std::mutex> lock(gRegistrationMutex);
+    if (registry->getCreator(kPLUGIN_NAME, kPLUGIN_VERSION, kPLUGIN_NAMESPACE) != nullptr)
+    {
+        return true;
+    }
+    if (!registry->registerCreator(creatorInstance(), kPLUGIN_NAMESPACE))
+    {
+        return false;
+    }
+    gStaticRegistry = registry;
+    return true;
+}
+
+#if defined(ROCKET_ENABLE_STATIC_REGISTRATION)
 /*
- * Load-time ("static") registration, the REGISTER_TENSORRT_PLUGIN mechanism: a library opened with plain dlopen
- * (trtexec --staticPlugins, ctypes.CDLL, LD_PRELOAD, linking) registers its creator. TensorRT's own
- * REGISTER_TENSORRT_PLUGIN macro cannot be used as is: it calls getPluginRegistry() directly, which would make
- * libnvinfer a hard link dependency and abort a header-only build on load; and it keeps its creator private, so
- * getCreators() could not hand the registration over to IPluginRegistry::loadLibrary (which fails when a creator
- * of the same name is already registered). Set ROCKET_TRT_NO_STATIC_REGISTRATION=1 to skip it.
+ * Opt-in (-DROCKET_STATIC_REGISTRATION=ON) load-time registration, the REGISTER_TENSORRT_PLUGIN mechanism, for loaders
+ * that only dlopen (trtexec --staticPlugins, LD_PRELOAD, linking). Off by default: it runs inside dlopen, under the
+ * dynamic loader's lock, and calls into TensorRT's registry, which IPluginRegistry::loadLibrary / trtexec
+ * --dynamicPlugins may hold while they dlopen this library; the documented dynamic path is getCreators(), and plain
+ * dlopen users call initRocketTrtPlugins() afterwards. TensorRT's own macro is not used: it calls
+ * getPluginRegistry() directly (a hard libnvinfer dependency) and keeps its creator private, so getCreators() could
+ * not hand the registration over to loadLibrary. ROCKET_TRT_NO_STATIC_REGISTRATION=1 skips it at run time.
  */
 class StaticRegistrar
 {
@@ -790,29 +824,16 @@ public:
     {
         try
         {
-#if defined(ROCKET_DISABLE_STATIC_REGISTRATION)
-            return;
-#else
             char const* off = std::getenv("ROCKET_TRT_NO_STATIC_REGISTRATION");
             if (off != nullptr && off[0] != '\0' && off[0] != '0')
             {
                 return;
             }
             IPluginRegistry* registry = findGlobalRegistry();
-            if (registry == nullptr)
+            if (registry != nullptr)
             {
-                return;  // no TensorRT in the process (e.g. the host test): loadLibrary / getCreators will do it
+                registerWith(registry);  // no TensorRT in the process: loadLibrary / initRocketTrtPlugins will do it
             }
-            std::lock_guard<std::mutex> lock(gRegistrationMutex);
-            if (registry->getCreator(kPLUGIN_NAME, kPLUGIN_VERSION, kPLUGIN_NAMESPACE) != nullptr)
-            {
-                return;  // another copy of the library got there first
-            }
-            if (registry->registerCreator(creatorInstance(), kPLUGIN_NAMESPACE))
-            {
-                gStaticRegistry = registry;
-            }
-#endif
         }
         catch (...)
         {
@@ -821,6 +842,7 @@ public:
 };
 
 StaticRegistrar gStaticRegistrar;
+#endif
 
 } // namespace
 } // namespace trt
@@ -860,4 +882,42 @@ extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCrea
 extern "C" nvinfer1::IPluginCreatorInterface* const* getPluginCreators(int32_t& nbCreators)
 {
     return getCreators(nbCreators);
+}
+
+extern "C" bool initRocketTrtPlugins(void* logger, char const* libNamespace)
+{
+    using namespace rocket::trt;
+    try
+    {
+        if (logger != nullptr)
+        {
+            gExplicitLogger.store(static_cast<nvinfer1::ILogger*>(logger));
+        }
+        if (libNamespace != nullptr && libNamespace[0] != '\0' && std::strcmp(libNamespace, kPLUGIN_NAMESPACE) != 0)
+        {
+            logMessage(nvinfer1::ILogger::Severity::kERROR,
+                std::string("initRocketTrtPlugins: namespace '") + libNamespace + "' requested; the exported ONNX "
+                    "nodes name '" + kPLUGIN_NAMESPACE + "': pass \"" + kPLUGIN_NAMESPACE + "\" or \"\"");
+            return false;
+        }
+        nvinfer1::IPluginRegistry* registry = findGlobalRegistry();
+        if (registry == nullptr)
+        {
+            logMessage(nvinfer1::ILogger::Severity::kERROR,
+                "initRocketTrtPlugins: TensorRT (libnvinfer) is not loaded in this process: load TensorRT first, or "
+                "load this library with IPluginRegistry::loadLibrary / trtexec --dynamicPlugins");
+            return false;
+        }
+        if (!registerWith(registry))
+        {
+            logMessage(nvinfer1::ILogger::Severity::kERROR, "initRocketTrtPlugins: the plugin registry refused the "
+                                                           "RocketSparseVMatMul creator");
+            return false;
+        }
+        return true;
+    }
+    catch (...)
+    {
+    }
+    return false;
 }

@@ -162,13 +162,19 @@ void logMessage(nvinfer1::ILogger::Severity severity, std::string const& msg) no
 } // namespace rocket
 
 // Dynamic-loading entry points (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins, Python
-// trt.get_plugin_registry().load_library).
+// trt.get_plugin_registry().load_library): the registry calls setLoggerFinder and getCreators and registers what
+// getCreators returns.
 extern "C"
 {
     ROCKET_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder);
     ROCKET_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators);
     //! Deprecated name of getCreators, kept for loaders that only look for it.
     ROCKET_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getPluginCreators(int32_t& nbCreators);
+    //! Explicit registration for a library opened with plain dlopen / ctypes / linking, in the manner of
+    //! initLibNvInferPlugins: registers the creator with TensorRT's global registry (TensorRT must be loaded).
+    //! `logger` (an nvinfer1::ILogger*, may be null) receives the plugin's messages when no ILoggerFinder was set;
+    //! `libNamespace` must be null, "" or "rocket". Idempotent; a later loadLibrary takes the registration over.
+    ROCKET_TRT_EXPORT bool initRocketTrtPlugins(void* logger, char const* libNamespace);
 }
 
 #endif // ROCKET_SPARSE_V_PLUGIN_H

@@ -9,13 +9,13 @@ Public API (imported lazily so ``import rocket_deploy`` stays light)::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
     "RocketConfig": ("rocket_deploy.config", "RocketConfig"),
     "CalibrationConfig": ("rocket_deploy.config", "CalibrationConfig"),
     "RocketLinear": ("rocket_deploy.rocket_linear", "RocketLinear"),
-    "load": ("rocket_deploy.artifact", "load"),
+    "load": ("rocket_deploy.workflows.api", "load"),
     "load_artifact": ("rocket_deploy.artifact", "load_artifact"),
     "load_model": ("rocket_deploy.models", "load_model"),
     "compress_model": ("rocket_deploy.compress.pipeline", "compress"),
@@ -25,6 +25,12 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
+
+# transformers' from_pretrained / pipeline load artifacts through rocket-deploy's quantizer (quant_method "rocket"),
+# registered lazily: now if transformers' quantizer table is imported, else when it is (rocket_deploy/hf_register.py)
+from . import hf_register as _hf_register  # noqa: E402 -- standard library only
+
+_hf_register.install()
 
 
 def __getattr__(name):

@@ -15,54 +15,30 @@ import inspect
 import itertools
 import json
 import os
-import shutil
-import tempfile
+import warnings
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .manifest import (FORMAT_NAME, MANIFEST, ArtifactError, check_factor_shapes, file_records,  # noqa: F401
+                       read_json_manifest, tensor_shapes, verify_files)
 from .quant_linear import QUANT_MODULES, QuantDenseLinear, QuantRocketLinear, quant_state_keys
 from .rocket_linear import RocketLinear
+from .safe_io import atomic_directory, recover_swap  # noqa: F401 -- atomic_directory: importable from here too
 from .sparse_format import FORMAT_VERSION, artifact_format_version
 from .targets import set_module
 
-MANIFEST = "rocket.json"
 FACTORS = "factors.safetensors"
 UNTOUCHED = "model.safetensors"
-FORMAT_NAME = "rocket-deploy/artifact"
 
 
-class ArtifactError(ValueError):
-    """The artifact directory is missing, incomplete or of an unsupported format version."""
+class ArtifactWarning(UserWarning):
+    """Something in an artifact is missing or unreadable but not needed for what is being done (the tokenizer)."""
 
 
 def _dtype(name: str) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str, overwrite: bool = False):
-    """Yield a temporary sibling directory; on success it replaces ``out_dir``, on failure it is removed."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another --out or pass --overwrite")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=parent)
-        os.rmdir(old)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def split_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> tuple[dict, dict, dict]:
@@ -102,8 +78,14 @@ def save_artifact(out_dir: str, model: torch.nn.Module, tokenizer, manifest: dic
     kwargs = infer_architecture_kwargs(type(model), model.config, set(untouched) | set(tied), compressed)
     manifest = dict(manifest, format=FORMAT_NAME, format_version=version, tied=tied,
                     architecture=type(model).__name__, architecture_kwargs=kwargs or {})
-    with atomic_directory(out_dir, overwrite) as tmp:
+    source_dir = (manifest.get("source") or {}).get("directory")
+    if source_dir:          # lets `eval` find the dense model again when artifact and model move together
+        manifest["source"] = dict(manifest["source"], directory_from_artifact=os.path.relpath(
+            os.path.abspath(source_dir), os.path.abspath(out_dir)))
+    with atomic_directory(out_dir, overwrite, kind="artifact", inputs=[source_dir] if source_dir else []) as tmp:
         model.config.save_pretrained(tmp)
+        from .hf_quantizer import mark_config  # config.json: quant_method "rocket" for transformers (docs/format.md)
+        mark_config(tmp, manifest)
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
             gen.save_pretrained(tmp)
@@ -114,28 +96,25 @@ def save_artifact(out_dir: str, model: torch.nn.Module, tokenizer, manifest: dic
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
+        # every file is final here: record sizes and SHA-256 (checked by load_artifact) -- keep this step last
+        manifest["files"] = file_records(tmp)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
     return os.path.abspath(out_dir)
 
 
 def read_manifest(path: str) -> dict[str, Any]:
+    """The validated manifest of the artifact at ``path`` (schema: :mod:`rocket_deploy.manifest`). A replacement
+    of ``path`` that a killed run left half done is finished first (:func:`rocket_deploy.safe_io.recover_swap`)."""
     mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        with contextlib.suppress(OSError):
+            recover_swap(path)
     if not os.path.isdir(path):
         raise ArtifactError(f"{path!r} is not a directory; pass an artifact made by `rocket-deploy compress`")
     if not os.path.isfile(mpath):
         raise ArtifactError(f"{path!r} has no {MANIFEST}; it is not a rocket-deploy artifact")
-    try:
-        with open(mpath) as f:
-            m = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mpath} is not valid JSON ({e.msg}); the artifact is damaged, compress again") from e
-    if m.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{mpath} is not a rocket-deploy manifest (format={m.get('format')!r})")
-    if int(m.get("format_version", -1)) > FORMAT_VERSION:
-        raise ArtifactError(f"artifact format version {m.get('format_version')} is newer than this rocket-deploy "
-                            f"supports ({FORMAT_VERSION}); upgrade rocket-deploy")
-    return m
+    return read_json_manifest(mpath, FORMAT_VERSION)
 
 
 def _no_init():
@@ -189,8 +168,40 @@ def _compressed_names(manifest: dict[str, Any]) -> set[str]:
     return {n for n, r in manifest["layers"].items() if r.get("quant") or r["kind"] == "rocket"}
 
 
+def _architecture_class(config, name: str, path: str, trust_remote_code: bool):
+    """The transformers class ``name``; a class from the artifact's own code (``auto_map``) only when
+    ``trust_remote_code`` (that runs the Python files shipped in the artifact)."""
+    import transformers
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        return cls
+    refs = [r[0] if isinstance(r, (list, tuple)) else r for r in (getattr(config, "auto_map", None) or {}).values()]
+    refs = [r for r in refs if r and r.rsplit(".", 1)[-1] == name]
+    if refs and not trust_remote_code:
+        raise ArtifactError(f"{name} is defined by Python code inside {path!r} (auto_map in config.json); it is not "
+                            f"run unless you pass --trust-remote-code (trust_remote_code=True), which executes it")
+    if refs:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        return get_class_from_dynamic_module(refs[0], path, local_files_only=True)
+    raise ArtifactError(f"transformers {transformers.__version__} has no class {name}")
+
+
+def _check_layer(model: torch.nn.Module, name: str, rec: dict[str, Any], path: str) -> None:
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        mod = None
+    where = f"{os.path.join(path, MANIFEST)}: layers[{name!r}]"
+    if not isinstance(mod, torch.nn.Linear):
+        raise ArtifactError(f"{where}: {type(model).__name__} has no linear layer of that name; the artifact is "
+                            f"damaged or was edited, compress again")
+    if (mod.in_features, mod.out_features) != (rec["d_in"], rec["d_out"]):
+        raise ArtifactError(f"{where}: d_in x d_out {rec['d_in']}x{rec['d_out']} but the model's layer is "
+                            f"{mod.in_features}x{mod.out_features}; the artifact is damaged, compress again")
+
+
 def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = torch.float32,
-                   saved_keys: set[str] | None = None) -> torch.nn.Module:
+                   saved_keys: set[str] | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model architecture with RocketLinear modules in place of the compressed layers (weights unset).
 
     The class is ``manifest["architecture"]``, built with ``manifest["architecture_kwargs"]`` (e.g.
@@ -199,10 +210,12 @@ def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = tor
     boolean constructor arguments that do are inferred."""
     import transformers
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    cls = getattr(transformers, manifest["architecture"], None)
-    if cls is None:
-        raise ArtifactError(f"transformers {transformers.__version__} has no class {manifest['architecture']}")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"cannot read {os.path.join(path, 'config.json')} ({str(e).splitlines()[0]}); the "
+                            f"artifact is damaged, or needs --trust-remote-code if its config is custom code") from None
+    cls = _architecture_class(config, manifest["architecture"], path, trust_remote_code)
     kwargs = manifest.get("architecture_kwargs")
     if kwargs is None:
         kwargs = {}
@@ -216,6 +229,7 @@ def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = tor
         model = cls(config, **kwargs)
     model = model.to(dtype)
     for name, rec in manifest["layers"].items():
+        _check_layer(model, name, rec, path)
         q = rec.get("quant")
         if q:           # format version 2: quantized factors or quantized dense weight
             bias_dtype = _dtype(manifest.get("storage_dtype", "float16"))
@@ -231,17 +245,63 @@ def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = tor
     return model
 
 
-def load_artifact(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load an artifact: returns ``(model, tokenizer, manifest)``; the model computes in ``dtype``."""
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for every kind of damage
+        raise ArtifactError(f"{path} is not a readable safetensors file ({type(e).__name__}); the artifact is "
+                            f"damaged, compress again") from None
+
+
+def _check_tied(manifest: dict[str, Any], model: torch.nn.Module, saved: set[str], path: str) -> None:
+    keys = set(model.state_dict())
+    for alias, target in manifest.get("tied", {}).items():
+        where = f"{os.path.join(path, MANIFEST)}: tied[{alias!r}]"
+        if alias not in keys:
+            raise ArtifactError(f"{where}: {type(model).__name__} has no tensor {alias!r}; the artifact is damaged "
+                                f"or was edited, compress again")
+        if target not in saved:
+            raise ArtifactError(f"{where}: the target {target!r} is not in {UNTOUCHED}; the artifact is damaged "
+                                f"or was edited, compress again")
+
+
+def load_tokenizer(path: str, required: bool = False, trust_remote_code: bool = False):
+    """The artifact's tokenizer; when it is missing or unreadable: ArtifactError if ``required`` (text is
+    needed), else an :class:`ArtifactWarning` and None."""
     from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 -- transformers raises many types for missing / broken tokenizers
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = f"the artifact {path!r} has no usable tokenizer ({type(e).__name__}: {why[:200]})"
+        if required:
+            raise ArtifactError(f"{msg}; text input needs one: copy the source model's tokenizer files into it") from None
+        warnings.warn(msg + "; loading the model without one", ArtifactWarning, stacklevel=3)
+        return None
+
+
+def load_artifact(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                  verify: bool = True, trust_remote_code: bool = False, need_tokenizer: bool = False):
+    """Load an artifact: returns ``(model, tokenizer, manifest)``; the model computes in ``dtype``.
+
+    ``verify``: check every file against the SHA-256 recorded in ``rocket.json`` (False skips it: faster for
+    very large artifacts). ``trust_remote_code``: allow Python code shipped in the artifact (``auto_map``) to
+    run -- only for artifacts you trust. ``need_tokenizer``: a missing / broken tokenizer is an error (else a
+    warning and ``tokenizer=None``)."""
     manifest = read_manifest(path)
     for fname in (FACTORS, UNTOUCHED):
         if not os.path.isfile(os.path.join(path, fname)):
             raise ArtifactError(f"{path!r} is missing {fname}; the artifact is incomplete, compress again")
-    state = load_file(os.path.join(path, UNTOUCHED))
+    if verify:
+        verify_files(path, manifest.get("files"))
+    fpath, upath = os.path.join(path, FACTORS), os.path.join(path, UNTOUCHED)
+    check_factor_shapes(manifest, tensor_shapes(fpath), fpath)
+    saved = set(tensor_shapes(upath))
     tied = manifest.get("tied", {})
-    model = build_skeleton(path, manifest, dtype, saved_keys=set(state) | set(tied))
-    factors = load_file(os.path.join(path, FACTORS))
+    model = build_skeleton(path, manifest, dtype, saved_keys=saved | set(tied), trust_remote_code=trust_remote_code)
+    _check_tied(manifest, model, saved, path)
+    state = _load_tensors(upath)
+    factors = _load_tensors(fpath)
     for name, mod in model.named_modules():
         if isinstance(mod, RocketLinear):
             mask = factors.pop(f"{name}.v_mask", None)
@@ -249,11 +309,19 @@ def load_artifact(path: str, dtype: torch.dtype = torch.float32, device: str | t
                             factors.pop(f"{name}.bias", None))
         elif isinstance(mod, QUANT_MODULES):
             keys = [k for k in quant_state_keys(mod) if f"{name}.{k}" in factors]
-            mod.load_quantized({k: factors.pop(f"{name}.{k}") for k in keys})
+            try:
+                mod.load_quantized({k: factors.pop(f"{name}.{k}") for k in keys})
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ArtifactError(f"{fpath}: the quantized tensors of layers[{name!r}] do not match {MANIFEST} "
+                                    f"({str(e).splitlines()[0][:200]}); the artifact is damaged") from None
     if factors:
         raise ArtifactError(f"{FACTORS} has tensors for no compressed layer: {sorted(factors)[:4]}")
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:       # a tensor of the wrong shape
+        raise ArtifactError(f"{upath} does not match the architecture in config.json "
+                            f"({str(e).splitlines()[-1].strip()[:200]}); the artifact is damaged") from None
     rocket_keys = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, RocketLinear)
                    for b in ("u", "v_values", "v_mask", "bias")}
     rocket_keys |= {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)
@@ -264,9 +332,9 @@ def load_artifact(path: str, dtype: torch.dtype = torch.float32, device: str | t
     for alias, target in tied.items():
         _tie(model, alias, target)
     model.eval().to(device)
-    tokenizer = None
-    with contextlib.suppress(Exception):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    from .hf_quantizer import guard_save  # model.save_pretrained keeps transformers' refusal guard in config.json
+    guard_save(model)
+    tokenizer = load_tokenizer(path, need_tokenizer, trust_remote_code)
     return model, tokenizer, manifest
 
 
@@ -281,6 +349,7 @@ def _tie(model: torch.nn.Module, alias: str, target: str) -> None:
         dst_mod.register_buffer(attr, src)
 
 
-def load(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """``rocket_deploy.load(path)``: the compressed model, ready for ``generate``."""
-    return load_artifact(path, dtype, device)[0]
+def load(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, verify: bool = True,
+         trust_remote_code: bool = False) -> torch.nn.Module:
+    """``rocket_deploy.load(path)``: the compressed model, ready for ``generate`` (options: :func:`load_artifact`)."""
+    return load_artifact(path, dtype, device, verify=verify, trust_remote_code=trust_remote_code)[0]

@@ -8,7 +8,8 @@ CONFIG_VERSION = 1
 
 OBJECTIVES = ("auto", "fisher", "rel-original", "rel-whitened", "whitened-energy")
 METHODS = ("rocket", "rocket-uniform", "svd-llm", "dense-quant")   # dense-quant: no ROCKET, weights quantized only
-QUANT_SCHEMES = ("int8", "fp8", "int4")
+QUANT_METHODS = ("rtn", "gptq")            # round-to-nearest with whitened clip search | GPTQ error feedback
+QUANT_SCHEMES = ("int8", "fp8", "int4")     # == rocket_deploy.quant_format.SCHEMES (the format owns it; tested)
 DEFAULT_TARGETS = (
     # decoders (Llama / Qwen / Mistral / Gemma / Phi-3)
     r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj|dense|fc1|fc2)$",
@@ -80,10 +81,19 @@ class RocketConfig:
     oversparsify: float = 0.005
     ridge_rel: float = 1e-3
     gram_damping: float = 0.0                    # add gram_damping * mean(diag H) * I to the per-token Gram (whitening)
+    # Factorization levers applied when materialising (docs/benchmarks.md section 7); the profile is unchanged.
+    refit_rounds: int = 2                        # alternate least-squares V on its support and the U refit (0: off)
+    error_propagation: bool = False              # fit block b to the outputs of the compressed blocks 0..b-1
     storage_dtype: str = "float16"
     safeguard: bool = True                       # keep uniform allocation if it beats the knapsack on held-out text
     quantize: str | None = None                  # None | int8 | fp8 | int4: quantize the factors (docs/quantization.md)
     quant_group_size: int = 128                  # int4 group size along d_in
+    # How quantized weights are rounded (docs/quantization.md "GPTQ"; defaults chosen on never-calibrated text,
+    # docs/benchmarks.md section 6): dense weights (dense option, dense-quant) and U: rtn | gptq.
+    quant_method: str = "gptq"
+    quant_act_order: bool = True                 # gptq: process inputs by decreasing Gram diagonal
+    quant_u_method: str = "gptq"
+    quant_v_refit: bool = True                   # refit V's kept values to the quantized U (least squares on support)
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -105,11 +115,20 @@ class RocketConfig:
         _check(self.ridge_rel > 0, "ridge_rel must be > 0")
         _check(isinstance(self.gram_damping, (int, float)) and 0 <= self.gram_damping <= 10,
                f"gram_damping must be in [0, 10] (a fraction of the Gram's mean diagonal), got {self.gram_damping!r}")
+        _check(isinstance(self.refit_rounds, int) and not isinstance(self.refit_rounds, bool)
+               and 0 <= self.refit_rounds <= 20, f"refit_rounds must be an integer in [0, 20], got {self.refit_rounds!r}")
+        _check(isinstance(self.error_propagation, bool),
+               f"error_propagation must be true or false, got {self.error_propagation!r}")
         _check(self.storage_dtype in ("float16", "bfloat16"), "storage_dtype must be float16 or bfloat16")
         _check(self.quantize is None or self.quantize in QUANT_SCHEMES,
                f"quantize must be None or one of {QUANT_SCHEMES}, got {self.quantize!r}")
         _check(isinstance(self.quant_group_size, int) and self.quant_group_size >= 2 and self.quant_group_size % 2 == 0,
                f"quant_group_size must be an even integer >= 2, got {self.quant_group_size!r}")
+        for name in ("quant_method", "quant_u_method"):
+            _check(getattr(self, name) in QUANT_METHODS,
+                   f"{name} must be one of {QUANT_METHODS}, got {getattr(self, name)!r}")
+        for name in ("quant_act_order", "quant_v_refit"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         _check(self.method != "dense-quant" or self.quantize is not None,
                "method 'dense-quant' quantizes the dense weights: set quantize to one of " + str(QUANT_SCHEMES))
         _check(self.version == CONFIG_VERSION, f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
@@ -136,4 +155,6 @@ class RocketConfig:
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown RocketConfig fields {sorted(unknown)}")
+        if "quant_group_size" in d and "quant_method" not in d:     # saved before GPTQ existed: it was rounded
+            d = {"quant_method": "rtn", "quant_act_order": False, "quant_u_method": "rtn", "quant_v_refit": False, **d}
         return cls(**d)

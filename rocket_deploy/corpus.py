@@ -6,6 +6,12 @@ Sources (each yields :class:`Document` objects):
 * ``pyref`` -- the Python reference manual's help topics (``pydoc_data.topics``), English technical prose;
 * ``licenses`` -- license texts installed with the Python packages here (``*.dist-info``) and, on Debian,
   ``/usr/share/common-licenses``;
+* ``pkgdocs`` -- the installed Python packages' READMEs (``*.dist-info/METADATA``);
+* system text of a Debian-like machine, never calibrated on by default (evaluation registers, see
+  ``NEVER_CALIBRATED``): ``manpages`` (man pages as plain text), ``copyright`` (``/usr/share/doc/*/copyright``
+  without the paragraphs the ``licenses`` source holds), ``faq`` (installed FAQs: question and answer),
+  ``vimguide`` (Vim's user manual: tutorial prose); a source missing on a machine yields no documents;
+* ``selfgen`` -- text sampled from the model itself (built by the pipeline, :mod:`rocket_deploy.selfgen`);
 * a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file with a ``text`` field.
 
 Documents, not tokens, are split between calibration and held-out evaluation, so the two never share text.
@@ -16,20 +22,23 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import gzip
 import hashlib
+import html
 import importlib
 import inspect
 import io
 import json
 import os
 import random
+import re
 import sys
 import warnings
 from typing import Iterable, Sequence
 
 import torch
 
-BUILTIN_SOURCES = ("stdlib", "pyref", "licenses", "pkgdocs", "selfgen")
+BUILTIN_SOURCES = ("stdlib", "pyref", "licenses", "pkgdocs", "selfgen", "manpages", "copyright", "faq", "vimguide")
 _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "__hello__",
                  "__phello__", "lib2to3", "ensurepip", "venv", "pydoc", "webbrowser", "xxsubtype", "msvcrt",
                  "winreg", "winsound", "_winapi", "nt", "tty", "pty", "curses", "readline", "sqlite3.test"}
@@ -153,8 +162,166 @@ def package_docs() -> list[Document]:
     return docs
 
 
+# ------------------------------------------------------------------ system text (never calibrated by default)
+_ROFF_ESC = re.compile(r"\\(f(\[[^\]]*\]|\(..|.)|s[+-]?\d+|\*(\(..|\[[^\]]*\]|.)|\(..|\[[^\]]*\]|[&|^/,%:)]|n(\(..|.))")
+_ROFF_TEXT_MACROS = {"SH", "SS", "B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "SM", "SB", "IP", "TP", "Nm", "Nd",
+                     "Sh", "Ss", "Fl", "Ar", "Op", "It", "Pa", "Xr", "Dv", "Cm", "Ev", "Em", "Sy", "Li", "Ql"}
+
+
+def _read_maybe_gz(path: str, limit: int = 400_000) -> str | None:
+    try:
+        if os.path.getsize(path) > limit:
+            return None
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+        return None
+
+
+def roff_to_text(src: str) -> str:
+    """Plain text of a man page: macro lines keep their arguments only when they carry text (headings, fonts),
+    definitions / conditionals / comments are dropped, escapes are removed or mapped to ASCII."""
+    out, skip = [], False
+    for line in src.splitlines():
+        if skip:
+            skip = not line.startswith("..")
+            continue
+        if line.startswith((".\\\"", "'\\\"", ".\\\\\"")) or line.strip() in (".", "'"):
+            continue
+        if line.startswith((".", "'")):
+            name, _, rest = line[1:].strip().partition(" ")
+            if name in ("de", "de1", "am", "ig"):
+                skip = True
+                continue
+            if name not in _ROFF_TEXT_MACROS or not rest.strip():
+                if name in ("PP", "LP", "P", "SH", "SS", "Pp", "Sh"):
+                    out.append("")                       # a paragraph break
+                continue
+            line = rest.replace('"', "")
+        line = line.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\(aq", "'")
+        line = line.replace("\\(em", "--").replace("\\(en", "-").replace("\\(lq", '"').replace("\\(rq", '"')
+        out.append(_ROFF_ESC.sub("", line))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+
+
+def _paragraph_docs(text: str, domain: str, source: str, size: int = 2000, min_chars: int = 300) -> list[Document]:
+    """Cut a long text into documents of whole paragraphs, about ``size`` characters each."""
+    out, buf = [], []
+    for p in (p.strip() for p in re.split(r"\n\s*\n", text)):
+        if p:
+            buf.append(p)
+        if sum(map(len, buf)) > size:
+            out.append(Document("\n\n".join(buf), domain, f"{source}#{len(out)}"))
+            buf = []
+    if buf and sum(map(len, buf)) >= min_chars:
+        out.append(Document("\n\n".join(buf), domain, f"{source}#{len(out)}"))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def manual_pages(max_pages: int = 600) -> tuple[Document, ...]:
+    """English man pages (``/usr/share/man/man{1,5,7,8}``) as plain text: a seeded sample of ``max_pages``
+    pages, one document per ~2000 characters of each page (technical reference register)."""
+    by_cmd: dict[str, str] = {}       # one page per command family (gcloud ships thousands of sub-command pages)
+    for p in sorted(glob.glob("/usr/share/man/man[1578]/*")):
+        by_cmd.setdefault(re.split(r"[._-]", os.path.basename(p), maxsplit=1)[0], p)
+    paths = sorted(by_cmd.values())
+    random.Random(0).shuffle(paths)
+    docs: list[Document] = []
+    for p in paths[:max_pages]:
+        raw = _read_maybe_gz(p, 200_000)
+        if raw and not raw.startswith(".so "):
+            docs.extend(_paragraph_docs(roff_to_text(raw), "manpages", p))
+    return _shuffled(docs)
+
+
+def _shuffled(docs: list[Document]) -> tuple[Document, ...]:
+    """A fixed (seeded) order: chunk_tokens reads documents in order, so evaluation sets mix many files."""
+    docs = list(docs)
+    random.Random(0).shuffle(docs)
+    return tuple(docs)
+
+
+def _norm(par: str) -> str:
+    return " ".join(w for w in par.split() if w != ".")
+
+
+@functools.lru_cache(maxsize=1)
+def debian_copyright() -> tuple[Document, ...]:
+    """Debian packages' copyright files (``/usr/share/doc/*/copyright``: holders, terms, notices; legal register)
+    with every paragraph that also occurs in a text of the ``licenses`` source removed, so the held-out legal
+    text is not calibration text in disguise."""
+    known = {_norm(p) for d in installed_licenses() for p in re.split(r"\n\s*\n", d.text)}
+    docs, seen = [], set()
+    for p in sorted(glob.glob("/usr/share/doc/*/copyright")):
+        raw = _read_maybe_gz(p, 200_000)
+        if not raw:
+            continue
+        pars = [q for q in re.split(r"\n\s*\n", raw) if q.strip() and _norm(q) not in known]
+        text = _clean("\n\n".join(pars), 300)
+        if text and text not in seen:
+            seen.add(text)
+            docs.extend(_paragraph_docs(text, "copyright", p))
+    return _shuffled(docs)
+
+
+@functools.lru_cache(maxsize=1)
+def faq_documents() -> tuple[Document, ...]:
+    """Installed FAQs (``/usr/share/doc/**/*faq*``, Perl's ``*FAQ.pod``, ``faq`` man pages): question-and-answer
+    register, the closest to dialogue that a stock system ships."""
+    paths = set(glob.glob("/usr/share/doc/**/*[Ff][Aa][Qq]*", recursive=True))
+    paths |= set(glob.glob("/usr/share/perl*/**/*FAQ*.pod", recursive=True))
+    paths |= set(glob.glob("/usr/share/man/man[1578]/*faq*"))
+    docs, seen = [], set()
+    for p in sorted(paths):
+        if not os.path.isfile(p) or p.endswith((".png", ".gif", ".css", ".js")):
+            continue
+        raw = _read_maybe_gz(p)
+        if not raw:
+            continue
+        if "/man/" in p:
+            raw = roff_to_text(raw)
+        elif ".htm" in p:
+            raw = re.sub(r"<[^>]+>", "", re.sub(r"(?is)<(script|style).*?</\1>", "", raw))
+            raw = html.unescape(raw)
+        elif p.endswith(".pod"):
+            raw = re.sub(r"[A-Z]<+([^<>]*)>+", r"\1", re.sub(r"(?m)^=(cut|pod|begin|end|over|back)\b.*$", "", raw))
+            raw = re.sub(r"(?m)^=(head\d|item)\s*", "", raw)
+        key = raw[:2000]
+        if key not in seen:
+            seen.add(key)
+            docs.extend(_paragraph_docs(raw, "faq", p))
+    return _shuffled(docs)
+
+
+@functools.lru_cache(maxsize=1)
+def vim_user_manual() -> tuple[Document, ...]:
+    """Vim's user manual (``/usr/share/vim/vim*/doc/usr_*.txt``): tutorial prose addressed to a reader, one
+    document per ~2000 characters (help-file tags and separator lines removed)."""
+    docs = []
+    for p in sorted(glob.glob("/usr/share/vim/vim*/doc/usr_*.txt")):
+        raw = _read_maybe_gz(p)
+        if not raw:
+            continue
+        raw = re.sub(r"(?m)^[=*-]{10,}\s*$", "", raw)
+        raw = re.sub(r"\*[\w.:-]+\*", "", raw).replace("|", "")
+        docs.extend(_paragraph_docs(raw, "vimguide", p))
+    return _shuffled(docs)
+
+
+SYSTEM_SOURCES = {"manpages": manual_pages, "copyright": debian_copyright, "faq": faq_documents,
+                  "vimguide": vim_user_manual}
+# Registers of the evaluation domains that no default calibration source covers (docs/benchmarks.md section 6).
+NEVER_CALIBRATED = {"pkgdocs": "technical READMEs", "manpages": "technical reference", "copyright": "legal",
+                    "faq": "question and answer", "vimguide": "tutorial prose"}
+
+
 def read_text_file(path: str) -> list[Document]:
     """A ``.txt`` file (blank-line separated documents) or ``.jsonl`` with a ``text`` field per line."""
+    if os.path.isdir(path):
+        raise CorpusError(f"calibration source {path!r} is a directory; pass a .txt or .jsonl file (repeat --calib "
+                          f"for several files)")
     if not os.path.isfile(path):
         raise CorpusError(f"calibration file {path!r} does not exist; pass a .txt or .jsonl file")
     try:
@@ -193,6 +360,8 @@ def load_source(source: str) -> list[Document]:
         return installed_licenses()
     if source == "pkgdocs":
         return package_docs()
+    if source in SYSTEM_SOURCES:
+        return list(SYSTEM_SOURCES[source]())
     if source == "selfgen":
         raise CorpusError("the 'selfgen' source is sampled from the model; it is built by the compression pipeline")
     return read_text_file(source)

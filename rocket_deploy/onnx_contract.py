@@ -1,10 +1,13 @@
 """The ONNX contract between export and the runtimes: one place for every name both sides must agree on.
 
 * the custom op for the sparse V product (``rocket.RocketSparseVMatMul``, the TensorRT plugin's creator name,
-  namespace and version, its attributes and the ``value_type`` codes);
-* the file names of an export folder and the keys of ``export.json``;
-* the decoder's I/O names (Optimum's: ``past_key_values.{i}.key|value`` in, ``present.{i}.key|value`` out) and
-  the patterns that parse them back;
+  namespace and version, its attributes and the ``value_type`` codes) and the domains it may sit in (``rocket``;
+  ``trt.plugins`` for ONNX Runtime's TensorRT execution provider);
+* the export targets and dtypes, the file names of an export folder, the keys of ``export.json`` and of the
+  model's ``metadata_props``;
+* the I/O names (Optimum's: ``past_key_values.{i}.key|value`` in, ``present.{i}.key|value`` out; encoders'
+  ``token_type_ids``), the patterns that parse them back, and the dynamic dim names (``batch_size``,
+  ``sequence_length``, ``past_sequence_length``, ``total_sequence_length``);
 * :func:`onnx_file_bytes`, the on-disk size of an exported graph with its external data.
 
 Export writes graphs that follow this contract; ``runtime`` (ONNX Runtime, TensorRT) reads them through it. Neither
@@ -17,6 +20,9 @@ import re
 
 # --- the custom op ---------------------------------------------------------------------------------------------
 ONNX_DOMAIN = "rocket"                 # the ONNX node's domain (TensorRT's parser looks plugins up by op type)
+# ONNX Runtime's TensorRT execution provider hands only nodes of this domain to TensorRT plugins.
+ORT_TRT_PLUGIN_DOMAIN = "trt.plugins"
+PLUGIN_DOMAINS = (ONNX_DOMAIN, ORT_TRT_PLUGIN_DOMAIN)   # where an exported graph may hold the node (default first)
 ONNX_OP = "RocketSparseVMatMul"        # node op type == the plugin creator's name
 PLUGIN_NAME = ONNX_OP
 PLUGIN_VERSION = "1"
@@ -38,14 +44,25 @@ OPSET = 18
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 EXPORT_INFO = "export.json"
+EXPORT_TARGETS = ("ort", "trt")        # ort: standard ops (+ com.microsoft); trt: the plugin node kept
+EXPORT_DTYPES = ("fp32", "fp16")       # the compute dtype carried in the graph
 # Keys of export.json that runtimes read (the rest is report material).
-INFO_TARGET = "target"                 # "ort" | "trt"
-INFO_DTYPE = "dtype"                   # "fp32" | "fp16"
+INFO_TARGET = "target"                 # one of EXPORT_TARGETS
+INFO_DTYPE = "dtype"                   # one of EXPORT_DTYPES
 INFO_IS_DECODER = "is_decoder"
 INFO_INPUTS = "input_names"
 INFO_OUTPUTS = "output_names"
 INFO_FILE_BYTES = "file_bytes"
 INFO_VALIDATION = "validation"
+INFO_PATH = "path"
+INFO_STATS = "stats"
+INFO_SECONDS = "seconds"
+INFO_EXTERNAL_DATA = "external_data"
+INFO_PLUGIN_DOMAIN = "plugin_domain"   # trt target: the domain of the RocketSparseVMatMul nodes
+# metadata_props of the exported ModelProto
+META_TARGET, META_DTYPE, META_IS_DECODER = "rocket.target", "rocket.dtype", "rocket.is_decoder"
+META_PLUGIN_DOMAIN = "rocket.plugin_domain"
+PRODUCER_NAME = "rocket-deploy"
 
 # --- I/O names -------------------------------------------------------------------------------------------------
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "position_ids", "token_type_ids"

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from rocket_deploy.config import QUANT_SCHEMES as SCHEMES   # one list: the config validates against it
 from rocket_deploy.sparse_format import factor_bytes
 
-SCHEMES = ("int8", "fp8", "int4")
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 INT4_LEVELS = 15

@@ -1,8 +1,10 @@
 """``RocketLinear``: the drop-in replacement for a compressed ``nn.Linear``.
 
 Holds ``U`` dense and ``V`` in the packed per-column form of :mod:`rocket_deploy.sparse_format`; computes
-``y = (x U) V + b``. On CUDA, when the compiled kernels are available (``rocket_deploy.runtime.kernels``), the
-sparse product runs straight from the packed form; elsewhere ``V`` is expanded once and cached.
+``y = (x U) V + b``. On CUDA, when a sparse-V kernel has been registered (:func:`register_cuda_kernel`; the
+runtime registers its compiled kernels, ``rocket_deploy.runtime.kernels``, when they are available), the sparse
+product runs straight from the packed form; elsewhere ``V`` is expanded once and cached. This module is shared
+ground: it defines the slot and never imports the runtime.
 """
 from __future__ import annotations
 
@@ -10,6 +12,16 @@ import torch
 from torch import nn
 
 from .sparse_format import full_mask, pack_v, unpack_v
+
+
+# fn(t, v_values, v_mask, rank) -> t @ V on CUDA tensors, or None to fall back to the expanded V.
+_CUDA_SPARSE_V = None
+
+
+def register_cuda_kernel(fn) -> None:
+    """Install (or with None remove) the CUDA sparse-V product every RocketLinear uses on CUDA tensors."""
+    global _CUDA_SPARSE_V
+    _CUDA_SPARSE_V = fn
 
 
 class RocketLinear(nn.Module):
@@ -88,10 +100,10 @@ class RocketLinear(nn.Module):
         return y
 
     def _sparse_v_product(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_cuda:
-            from .runtime import kernels  # lazy: the CUDA extension is only looked for on CUDA tensors
-            if kernels.available():
-                return kernels.sparse_v_matmul(t, self.v_values, self.v_mask, self.rank)
+        if t.is_cuda and _CUDA_SPARSE_V is not None:
+            y = _CUDA_SPARSE_V(t, self.v_values, self.v_mask, self.rank)
+            if y is not None:
+                return y
         return torch.matmul(t, self.dense_v())
 
     def extra_repr(self) -> str:

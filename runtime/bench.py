@@ -147,21 +147,6 @@ def greedy_tokens(engine: Engine, prompt_ids: Sequence[int], steps: int) -> list
 
 
 def open_for_bench(path: str, backend: str | None = None, threads: int | None = None, providers=None) -> Engine:
-    """Open ``path`` with the named backend (or the one its path implies)."""
-    import os
-    if backend is None:
-        from .engine import open_engine
-        return open_engine(path, **({"threads": threads} if path.endswith(".onnx") and threads else {}))
-    if backend == "ort":
-        from .ort_backend import OrtEngine
-        p = os.path.join(path, "model.onnx") if os.path.isdir(path) else path
-        return OrtEngine(p, threads=threads, providers=providers)
-    if backend == "torch":
-        from .torch_backend import TorchEngine
-        if not os.path.isdir(path):
-            raise ValueError(f"the torch backend runs an artifact directory; {path!r} is not a directory")
-        return TorchEngine.from_path(path)
-    if backend == "trt":
-        from .trt_backend import TrtEngine
-        return TrtEngine(path)
-    raise ValueError(f"unknown backend {backend!r}; choose ort, torch or trt")
+    """Open ``path`` with the named backend (or the one its path implies); see :mod:`.backends`."""
+    from .backends import open_backend
+    return open_backend(path, backend, threads=threads, providers=providers)

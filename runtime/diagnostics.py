@@ -10,10 +10,8 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,55 +174,44 @@ def check_ort_tensorrt() -> Check:
 
 
 # ---- TensorRT ---------------------------------------------------------------------------------------------------
-def _import_tensorrt():
-    try:
-        import tensorrt as trt
-    except Exception as e:  # noqa: BLE001 -- missing CUDA libs raise OSError-ish errors too
-        return None, f"{type(e).__name__}: {e}"
-    return trt, str(getattr(trt, "__version__", "?"))
-
-
 @_guard("tensorrt")
 def check_tensorrt() -> Check:
-    trt, info = _import_tensorrt()
-    if trt is None:
-        return Check("tensorrt", False, f"not importable ({info})",
-                     "pip install tensorrt (x86-64 Linux / Windows); on Jetson JetPack 6 ships TensorRT 10.3: "
-                     "sudo apt install python3-libnvinfer and create the venv with --system-site-packages")
+    from .trt.importing import TensorRTUnavailable, import_tensorrt
     try:
-        major = int(info.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < 10:
-        return Check("tensorrt", False, f"TensorRT {info} is too old (the backend needs 10.x)",
-                     "pip install -U 'tensorrt>=10.3,<12' (Jetson: JetPack 6)")
-    return Check("tensorrt", True, f"TensorRT {info}")
+        trt = import_tensorrt()
+    except TensorRTUnavailable as e:
+        return Check("tensorrt", False, e.reason, e.fix)
+    return Check("tensorrt", True, f"TensorRT {getattr(trt, '__version__', '?')}")
 
 
 @_guard("TensorRT plugin library")
 def check_trt_plugin() -> Check:
     name = "TensorRT plugin library"
-    from . import trt_backend
+    from rocket_deploy.onnx_contract import PLUGIN_NAME
+
+    from .trt import plugins
+    from .trt.importing import TensorRTUnavailable, get_logger, import_tensorrt
     try:
-        lib = trt_backend.find_plugin_library()
-    except trt_backend.PluginLibraryNotFound as e:
-        return Check(name, False, str(e).splitlines()[0], f"set {trt_backend.PLUGIN_ENV} to the built "
-                     f"{trt_backend.PLUGIN_FILENAME} or unset it")
+        lib = plugins.find_plugin_library()
+    except plugins.PluginLibraryNotFound as e:
+        return Check(name, False, str(e).splitlines()[0], f"set {plugins.PLUGIN_ENV} to the built "
+                     f"{plugins.PLUGIN_FILENAME} or unset it")
     if lib is None:
-        return Check(name, False, f"{trt_backend.PLUGIN_FILENAME} not found (under plugins_trt/build*/, next to "
-                                  f"the package, or ${trt_backend.PLUGIN_ENV})",
-                     f"{trt_backend.PLUGIN_BUILD_COMMAND}  (or export {trt_backend.PLUGIN_ENV}=/path/to/"
-                     f"{trt_backend.PLUGIN_FILENAME})")
-    trt, info = _import_tensorrt()
-    if trt is None:
-        return Check(name, False, f"found {lib}; not loaded: TensorRT is not importable",
-                     "pip install tensorrt (Jetson: JetPack's python3-libnvinfer)")
+        return Check(name, False, f"{plugins.PLUGIN_FILENAME} not found (under plugins_trt/build*/, next to "
+                                  f"the package, or ${plugins.PLUGIN_ENV})",
+                     f"{plugins.PLUGIN_BUILD_COMMAND}  (or export {plugins.PLUGIN_ENV}=/path/to/"
+                     f"{plugins.PLUGIN_FILENAME})")
     try:
-        trt_backend.load_plugins(trt, trt_backend.get_logger(trt), lib)
+        trt = import_tensorrt()
+    except TensorRTUnavailable as e:
+        return Check(name, False, f"found {lib}; not loaded: TensorRT is not importable ({e.reason})", e.fix)
+    version = getattr(trt, "__version__", "?")
+    try:
+        plugins.load_plugins(trt, get_logger(trt), lib)
     except Exception as e:  # noqa: BLE001
         return Check(name, False, f"found {lib} but loading it failed: {e}",
-                     f"rebuild it against TensorRT {info}: {trt_backend.PLUGIN_BUILD_COMMAND}")
-    return Check(name, True, f"{lib} loaded; {trt_backend.ROCKET_OP} registered (TensorRT {info})")
+                     f"rebuild it against TensorRT {version}: {plugins.PLUGIN_BUILD_COMMAND}")
+    return Check(name, True, f"{lib} loaded; {PLUGIN_NAME} registered (TensorRT {version})")
 
 
 # ---- CUDA kernels for the torch path ------------------------------------------------------------------------------
@@ -255,24 +242,15 @@ def check_torch_extension() -> Check:
                  "`rocket-deploy doctor` again to rebuild it")
 
 
-def _find_nvcc() -> str | None:
-    p = shutil.which("nvcc")
-    if p:
-        return p
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(env)
-        if root and (Path(root) / "bin" / "nvcc").is_file():
-            return str(Path(root) / "bin" / "nvcc")
-    cand = Path("/usr/local/cuda/bin/nvcc")
-    return str(cand) if cand.is_file() else None
-
-
 @_guard("nvcc")
 def check_nvcc() -> Check:
-    nvcc = _find_nvcc()
+    """The nvcc the torch-extension build uses (:func:`rocket_deploy.runtime.kernel_ext.find_nvcc`)."""
+    from . import kernel_ext
+    nvcc = kernel_ext.find_nvcc()
     if nvcc is None:
-        return Check("nvcc", False, "nvcc not found on PATH, $CUDA_HOME/bin or /usr/local/cuda/bin (only needed to "
-                                    "build the torch extension and the TensorRT plugin)",
+        return Check("nvcc", False, "nvcc not found ($PYTORCH_NVCC, torch's CUDA_HOME, $CUDA_HOME/bin, PATH or "
+                                    "/usr/local/cuda/bin; only needed to build the torch extension and the TensorRT "
+                                    "plugin)",
                      "install the CUDA toolkit (e.g. apt install cuda-toolkit-12-4; on Jetson it comes with "
                      "JetPack) and put its bin/ on PATH or set CUDA_HOME")
     try:

@@ -51,6 +51,7 @@ class Engine(abc.ABC):
     backend: str = "abstract"
     is_decoder: bool = True
     tokenizer: Any = None
+    max_context: int | None = None    # longest past + new tokens the model takes (None: unknown / unbounded)
 
     # ---- backend hooks -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -130,6 +131,16 @@ class Engine(abc.ABC):
                                 stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0))
 
 
+def context_from_config(config: Any) -> int | None:
+    """A model's maximum positions from its HF config (an object or a ``config.json`` dict), or None."""
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Greedy when temperature is 0, else temperature / top-k / top-p sampling."""
     logits = np.asarray(logits, dtype=np.float64)
@@ -153,19 +164,8 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
     return int(rng.choice(p.size, p=p))
 
 
-def open_engine(path: str | os.PathLike, **kwargs) -> Engine:
-    """Open a model for inference, choosing the backend from the path:
-    an artifact directory (torch), ``.onnx`` (ONNX Runtime), ``.plan``/``.engine`` (TensorRT)."""
-    p = str(path)
-    if os.path.isdir(p) and os.path.exists(os.path.join(p, "model.onnx")) and not os.path.exists(os.path.join(p, "rocket.json")):
-        p = os.path.join(p, "model.onnx")
-    if p.endswith(".onnx"):
-        from .ort_backend import OrtEngine
-        return OrtEngine(p, **kwargs)
-    if p.endswith((".plan", ".engine")):
-        from .trt_backend import TrtEngine
-        return TrtEngine(p, **kwargs)
-    if os.path.isdir(p):
-        from .torch_backend import TorchEngine
-        return TorchEngine.from_path(p, **kwargs)
-    raise FileNotFoundError(f"no model at {p!r}: expected an artifact directory, a .onnx file or a .plan file")
+def open_engine(path: str | os.PathLike, backend: str | None = None, **kwargs) -> Engine:
+    """Open a model for inference, choosing the backend from the path (:mod:`rocket_deploy.runtime.backends`):
+    an artifact directory (torch), ``.onnx`` or an export folder (ONNX Runtime), ``.plan``/``.engine`` (TensorRT)."""
+    from .backends import open_backend
+    return open_backend(path, backend, **kwargs)

@@ -52,10 +52,17 @@ def binding_source() -> Path:
 
 
 def find_nvcc() -> str | None:
-    """nvcc from torch's CUDA_HOME, $CUDA_HOME / $CUDA_PATH, PATH or /usr/local/cuda."""
+    """The nvcc the extension build runs -- the project's one nvcc finder (``rocket-deploy doctor`` reports this one).
+
+    ``torch.utils.cpp_extension`` compiles with ``$PYTORCH_NVCC`` when set, else ``<CUDA_HOME>/bin/nvcc`` with the
+    CUDA_HOME torch found at import ($CUDA_HOME / $CUDA_PATH, the nvcc on PATH, /usr/local/cuda); the same order
+    is looked at here, read now (so a $CUDA_HOME set after torch was imported still counts)."""
+    env_nvcc = os.environ.get("PYTORCH_NVCC")
+    if env_nvcc and Path(env_nvcc).is_file():
+        return env_nvcc
     try:
         from torch.utils.cpp_extension import CUDA_HOME
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 -- no torch, or a broken one: look without it
         CUDA_HOME = None
     for root in (CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if root and (Path(root) / "bin" / "nvcc").is_file():

@@ -50,3 +50,16 @@ def sparse_v_matmul(t, values, mask, rank: int, scales=None, path: int = 0):
         raise RuntimeError(f"the rocket CUDA kernels are not available here ({why_unavailable()}); "
                            f"run `rocket-deploy doctor`")
     return ext.sparse_v_matmul(t, values, mask, rank, scales, path)
+
+
+def _rocket_linear_kernel(t, values, mask, rank: int):
+    """The slot function for :func:`rocket_deploy.rocket_linear.register_cuda_kernel`: the compiled product when
+    the kernels can be had (looked for on the first CUDA forward only), else None (RocketLinear expands V)."""
+    return sparse_v_matmul(t, values, mask, rank) if available() else None
+
+
+def enable() -> None:
+    """Let every :class:`~rocket_deploy.rocket_linear.RocketLinear` use these kernels on CUDA tensors. Cheap: the
+    extension is built / loaded lazily on the first CUDA forward, never on CPU."""
+    from rocket_deploy.rocket_linear import register_cuda_kernel
+    register_cuda_kernel(_rocket_linear_kernel)

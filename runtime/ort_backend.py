@@ -5,6 +5,7 @@ numpy: each call's ``present.*`` outputs become the next call's ``past_key_value
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Sequence
@@ -14,7 +15,7 @@ import numpy as np
 from rocket_deploy.onnx_contract import PAST_RE as _PAST_RE
 from rocket_deploy.onnx_contract import onnx_file_bytes
 
-from .engine import Engine
+from .engine import Engine, context_from_config
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -65,6 +66,8 @@ class OrtEngine(Engine):
             self.kv_shape = tuple(first.shape) if first else ()
         elif "last_hidden_state" not in self.output_names:
             raise ValueError(f"{self.path}: neither 'logits' nor 'last_hidden_state' is an output")
+        folder = os.path.dirname(os.path.abspath(self.path))
+        self.max_context = _config_context(folder) if self.is_decoder else None
         self.tokenizer = tokenizer
         if tokenizer is None and load_tokenizer:
             self.tokenizer = _load_tokenizer(os.path.dirname(os.path.abspath(self.path)))
@@ -98,6 +101,15 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
+
+
+def _config_context(directory: str) -> int | None:
+    """The model's maximum positions from the ``config.json`` export writes next to the graph (None without)."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return context_from_config(json.load(f))
+    except (OSError, ValueError):
+        return None
 
 
 def _load_tokenizer(directory: str):

@@ -8,24 +8,28 @@ import torch
 
 from rocket_deploy.hf_compat import cache_kwarg
 
-from .engine import Engine
+from . import kernels
+from .engine import Engine, context_from_config
 
 
 class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, device: str | None = None):
+        kernels.enable()      # RocketLinear layers use the compiled sparse-V kernels on CUDA when available
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.is_decoder = bool(getattr(model.config, "is_decoder", False)) or hasattr(model, "lm_head") \
             or "ForCausalLM" in type(model).__name__
         self._cache_arg = cache_kwarg(model)   # ``cache`` (transformers 5.x) or ``past_key_values`` (4.x)
+        self.max_context = context_from_config(model.config) if self.is_decoder else None
 
     @classmethod
-    def from_path(cls, path: str, device: str | None = None) -> "TorchEngine":
+    def from_path(cls, path: str, device: str | None = None, verify: bool = True,
+                  trust_remote_code: bool = False) -> "TorchEngine":
         from rocket_deploy.artifact import load_artifact
-        model, tokenizer, _ = load_artifact(path)
+        model, tokenizer, _ = load_artifact(path, verify=verify, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, device)
 
     @torch.inference_mode()

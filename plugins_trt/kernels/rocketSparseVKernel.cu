@@ -17,6 +17,12 @@
  *          / fp32; int8 and fp8 values are integers / short floats and convert exactly, their scale is applied in
  *          the GEMM epilogue), then a tiled GEMM: WMMA tensor cores (m16n16k16, fp32 accumulate) for fp16 / bf16,
  *          a register-tiled SIMT kernel for fp32. A dense V in the activation type is used in place (no workspace).
+ *          The GEMM multiplies the zeros of unkept rows too (inf * 0 = nan), so while it loads t the first column
+ *          tile flags the rows that hold an inf / nan, and a fix-up launch of the decode kernel recomputes exactly
+ *          those rows (read from a list in the workspace): both paths sum only the kept rows of each column.
+ *
+ * The per-lane index math (mask words, packed value indices, tile and epilogue coordinates) is in small
+ * __host__ __device__ helpers so that the CPU emulation test (plugins_trt/tests/emu) can check it directly.
  *
  * Plain C entry points only (no TensorRT / torch types) so that the TensorRT plugin and the torch extension build
  * this same file.
@@ -29,8 +35,10 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <stdarg.h>
 #include <stdio.h>
 
+#include <atomic>
 #include <type_traits>
 
 namespace rocket
@@ -101,6 +109,44 @@ __device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float x)
     return __float2bfloat16_rn(x);
 }
 
+template <typename T>
+__device__ __forceinline__ bool isNonFinite(T x)
+{
+    float const f = toFloat(x);
+    return !(f - f == 0.f);  // inf - inf and nan - nan are nan; every finite f gives 0
+}
+
+// ---- Per-lane mask / index math (host and device) --------------------------------------------------------------------
+//! Bits of mask word `word` (basis rows 32*word .. 32*word+31) that lie below `rank`.
+__host__ __device__ __forceinline__ uint32_t maskWordValidBits(int rank, int word)
+{
+    int const rowsLeft = rank - word * 32;
+    return rowsLeft >= 32 ? 0xffffffffu : (rowsLeft <= 0 ? 0u : ((1u << rowsLeft) - 1u));
+}
+
+//! Lanes below `lane` (the bits of a word that come before the lane's own bit).
+__host__ __device__ __forceinline__ uint32_t lanesBelowMask(int lane)
+{
+    return (1u << lane) - 1u;
+}
+
+__host__ __device__ __forceinline__ int popcount32(uint32_t x)
+{
+#if defined(__CUDA_ARCH__)
+    return __popc(x);
+#else
+    x = x - ((x >> 1) & 0x55555555u);
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+    return static_cast<int>((((x + (x >> 4)) & 0x0f0f0f0fu) * 0x01010101u) >> 24);
+#endif
+}
+
+//! Index into the column's packed values of basis row 32*w + lane, given the number of kept rows before word w.
+__host__ __device__ __forceinline__ int packedIndex(int wordPrefix, uint32_t word, int lane)
+{
+    return wordPrefix + popcount32(word & lanesBelowMask(lane));
+}
+
 __device__ __forceinline__ float warpSum(float v)
 {
 #pragma unroll
@@ -149,12 +195,7 @@ __device__ __forceinline__ uint32_t loadMaskWord(
             }
         }
     }
-    int const rowsLeft = rank - word * 32;
-    if (rowsLeft < 32)
-    {
-        bits &= rowsLeft <= 0 ? 0u : ((1u << rowsLeft) - 1u);
-    }
-    return bits;
+    return bits & maskWordValidBits(rank, word);
 }
 
 template <typename VT>
@@ -192,22 +233,21 @@ struct DecodeSlice
 
 /*
  * y[m, j] = scale[j] * sum_{kept i} t[m, i] * values[j, idx(i)]   for m < rows (<= MAXR), CPW columns per warp.
- * Shared memory: float ts[rows][sliceWords * 32] (dynamic).
+ * Shared memory: float ts[rows][sliceWords * 32] (dynamic). GATHER: activation / output row m is rowIdx[m] (the
+ * prefill fix-up), else m.
  */
-// minBlocks 4 (<= 128 registers): without it ptxas for sm_90 picks ~48 registers and spills the accumulators.
-template <typename T, typename VT, int MAXR, bool DENSE>
-__global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 4) sparseVDecodeKernel(T const* __restrict__ t,
-    VT const* __restrict__ values, uint8_t const* __restrict__ mask, float const* __restrict__ scales,
-    T* __restrict__ y, int rows, int rank, int keep, int outFeatures, int maskBytes, int sliceWords, bool maskAligned4)
+template <typename T, typename VT, int MAXR, bool DENSE, bool GATHER>
+__device__ __forceinline__ void sparseVDecodeBody(float* ts, T const* __restrict__ t, VT const* __restrict__ values,
+    uint8_t const* __restrict__ mask, float const* __restrict__ scales, T* __restrict__ y, int rows,
+    int const* __restrict__ rowIdx, int rank, int keep, int outFeatures, int maskBytes, int sliceWords,
+    bool maskAligned4)
 {
     constexpr int CPW = DecodeCols<MAXR>::kValue;
-    extern __shared__ float ts[];
 
     int const lane = threadIdx.x & (kWarpSize - 1);
     int const warp = threadIdx.x / kWarpSize;
     int const col0 = (blockIdx.x * kDecodeWarps + warp) * CPW;
     int const sliceRows = sliceWords * kWarpSize;
-    uint32_t const lanesBelow = (1u << lane) - 1u;
 
     float acc[CPW][MAXR];
     int carry[CPW];  // packed values of the column consumed by earlier slices
@@ -230,10 +270,10 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 4) sparseVDecodeKerne
         {
             int const m = e / sliceRows;
             int const i = e - m * sliceRows;
-            ts[e] = base + i < rank ? toFloat(t[static_cast<int64_t>(m) * rank + base + i]) : 0.f;
+            int64_t const row = GATHER ? static_cast<int64_t>(rowIdx[m]) : static_cast<int64_t>(m);
+            ts[e] = base + i < rank ? toFloat(t[row * rank + base + i]) : 0.f;
         }
         __syncthreads();
-
         int const words = min(sliceWords, (rank - base + kWarpSize - 1) / kWarpSize);
         int const word0 = base / kWarpSize;
 
@@ -281,7 +321,7 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 4) sparseVDecodeKerne
                     {
                         uint32_t const word = __shfl_sync(0xffffffffu, myWord, w & (kWarpSize - 1));
                         int const pre = __shfl_sync(0xffffffffu, myPrefix, w & (kWarpSize - 1));
-                        idx = pre + __popc(word & lanesBelow);
+                        idx = packedIndex(pre, word, lane);
                         // idx < keep guards against a malformed mask (more than k bits): never read past the column.
                         on[u] = w < words && ((word >> lane) & 1u) && idx < keep;
                     }
@@ -324,10 +364,44 @@ __global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 4) sparseVDecodeKerne
                 float const s = warpSum(acc[c][m]);
                 if (lane == m)
                 {
-                    y[static_cast<int64_t>(m) * outFeatures + j] = fromFloat<T>(s * scale);
+                    int64_t const row = GATHER ? static_cast<int64_t>(rowIdx[m]) : static_cast<int64_t>(m);
+                    y[row * outFeatures + j] = fromFloat<T>(s * scale);
                 }
             }
         }
+    }
+}
+
+
+// minBlocks 4 (<= 128 registers): without it ptxas for sm_90 picks ~48 registers and spills the accumulators.
+template <typename T, typename VT, int MAXR, bool DENSE>
+__global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 4) sparseVDecodeKernel(T const* __restrict__ t,
+    VT const* __restrict__ values, uint8_t const* __restrict__ mask, float const* __restrict__ scales,
+    T* __restrict__ y, int rows, int rank, int keep, int outFeatures, int maskBytes, int sliceWords, bool maskAligned4)
+{
+    extern __shared__ float ts[];
+    sparseVDecodeBody<T, VT, MAXR, DENSE, false>(
+        ts, t, values, mask, scales, y, rows, nullptr, rank, keep, outFeatures, maskBytes, sliceWords, maskAligned4);
+}
+
+/*
+ * Prefill fix-up: the decode product for the rows listed in `flagged` ([0] = count, then row indices, written by
+ * the GEMM), in chunks of kDecodeMaxRows. The count is read on the device, so the launch costs one empty pass
+ * over the column blocks when no row was flagged.
+ */
+template <typename T, typename VT>
+__global__ void __launch_bounds__(kDecodeWarps* kWarpSize, 4) sparseVFixupKernel(T const* __restrict__ t,
+    VT const* __restrict__ values, uint8_t const* __restrict__ mask, float const* __restrict__ scales,
+    T* __restrict__ y, int const* __restrict__ flagged, int rank, int keep, int outFeatures, int maskBytes,
+    int sliceWords, bool maskAligned4)
+{
+    extern __shared__ float ts[];
+    int const count = flagged[0];
+    for (int r0 = 0; r0 < count; r0 += kDecodeMaxRows)
+    {
+        int const n = min(kDecodeMaxRows, count - r0);
+        sparseVDecodeBody<T, VT, kDecodeMaxRows, false, true>(ts, t, values, mask, scales, y, n, flagged + 1 + r0,
+            rank, keep, outFeatures, maskBytes, sliceWords, maskAligned4);
     }
 }
 
@@ -389,19 +463,23 @@ cudaError_t launchDecode(T const* t, VT const* values, uint8_t const* mask, floa
 // Prefill path, step 1: expand V into dense [d_out, r] (= column-major r x d_out) in the compute type CT
 // ---------------------------------------------------------------------------------------------------------------
 //! One warp per column; writes all r entries (zeros for unkept rows), coalesced. Quantized values are written
-//! unscaled (exact in fp16 / bf16 / fp32); the GEMM epilogue applies the column scale.
+//! unscaled (exact in fp16 / bf16 / fp32); the GEMM epilogue applies the column scale. `flagged` (may be null):
+//! the GEMM's list of rows with non-finite activations, emptied here (this kernel runs first on the stream).
 template <typename VT, typename CT, bool DENSE>
 __global__ void __launch_bounds__(kExpandWarps* kWarpSize) expandVKernel(VT const* __restrict__ values,
     uint8_t const* __restrict__ mask, CT* __restrict__ dense, int ldDense, int rank, int keep, int outFeatures,
-    int maskBytes, bool maskAligned4)
+    int maskBytes, bool maskAligned4, int* __restrict__ flagged)
 {
     int const lane = threadIdx.x & (kWarpSize - 1);
     int const j = blockIdx.x * kExpandWarps + threadIdx.x / kWarpSize;
+    if (flagged != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    {
+        flagged[0] = 0;
+    }
     if (j >= outFeatures)
     {
         return;  // whole warp: no block-level synchronisation below
     }
-    uint32_t const lanesBelow = (1u << lane) - 1u;
     VT const* colValues = values + static_cast<int64_t>(j) * keep;
     CT* out = dense + static_cast<int64_t>(j) * ldDense;
     uint8_t const* colMask = mask + static_cast<int64_t>(j) * maskBytes;
@@ -440,7 +518,7 @@ __global__ void __launch_bounds__(kExpandWarps* kWarpSize) expandVKernel(VT cons
             {
                 uint32_t const word = __shfl_sync(0xffffffffu, myWord, w);
                 int const pre = __shfl_sync(0xffffffffu, myPrefix, w);
-                int const idx = pre + __popc(word & lanesBelow);
+                int const idx = packedIndex(pre, word, lane);
                 if (((word >> lane) & 1u) && idx < keep)
                 {
                     v = toFloat(loadValue(colValues + idx));
@@ -468,7 +546,31 @@ __global__ void __launch_bounds__(kExpandWarps* kWarpSize) expandVKernel(VT cons
 constexpr int kGemmThreads = 256;  // 8 warps: 2 (M) x 4 (N)
 constexpr int kGemmBN = 128;
 constexpr int kGemmBK = 32;
-constexpr int kGemmSmemLd = kGemmBK + 8;  // +8 halves (16 B): rows stay 32 B aligned for wmma, banks rotate
+constexpr int kGemmSmemLd = kGemmBK + 8;  // +8 halves (80 B rows): 32 B aligned for wmma, 16 B slots rotate
+constexpr int kStageLd = 16 + 8;          // fp32 epilogue staging rows: 96 B, see epilogueRow
+
+//! Element (row, k) of a BK-wide tile that load `v` (= threadIdx.x + l * kGemmThreads) covers. 16-byte vectors
+//! (VEC): a warp takes 8 rows x 4 vectors (64 contiguous bytes of each row in global memory), and each 8-lane phase
+//! of its 16-byte shared-memory store writes the same k-slot of 8 consecutive rows, which the 80-byte row pitch
+//! spreads over all 32 banks. Scalars: a warp takes 32 consecutive k of one row.
+template <bool VEC>
+__host__ __device__ __forceinline__ int2 tileCoord(int v)
+{
+    return VEC ? make_int2((v & 7) + (v >> 5) * 8, ((v >> 3) & 3) * 8) : make_int2(v / kGemmBK, v % kGemmBK);
+}
+
+//! Row (within the warp's 16 x 16 fp32 staging tile) that `lane` converts and stores in epilogue step `step`
+//! (0..7); its column is epilogueCol(lane). Half-warp h takes row 4 * (step / 2) + step % 2 + 2 * h: with the
+//! 24-float pitch the two rows of one step start 48 floats (16 banks) apart, so a step reads 32 distinct banks, and
+//! each half-warp writes 16 consecutive elements of one row of C.
+__host__ __device__ __forceinline__ int epilogueRow(int step, int lane)
+{
+    return (step >> 1) * 4 + (step & 1) + (lane >> 4) * 2;
+}
+__host__ __device__ __forceinline__ int epilogueCol(int lane)
+{
+    return lane & 15;
+}
 
 //! Global -> register staging of one BM x BK (A) or BN x BK (B) tile; 8-element (16 B) vectors when VEC.
 template <typename T, int ROWS, bool VEC>
@@ -477,20 +579,25 @@ struct TileLoader
     static constexpr int kElemsPerLoad = VEC ? 8 : 1;
     static constexpr int kLoads = ROWS * kGemmBK / kElemsPerLoad / kGemmThreads;
     static_assert(kLoads >= 1, "tile too small for the block");
+    static_assert(!VEC || ROWS % 8 == 0, "vector tiles are loaded 8 rows per warp");
     using Vec = typename std::conditional<VEC, uint4, T>::type;
 
     Vec regs[kLoads];
+
+    //! Tile row of load l (fixed across the k tiles).
+    __device__ __forceinline__ static int row(int l)
+    {
+        return tileCoord<VEC>(threadIdx.x + l * kGemmThreads).x;
+    }
 
     __device__ __forceinline__ void load(T const* src, int64_t ld, int row0, int rowsTotal, int k0, int K)
     {
 #pragma unroll
         for (int l = 0; l < kLoads; ++l)
         {
-            int const e = (threadIdx.x + l * kGemmThreads) * kElemsPerLoad;
-            int const r = e / kGemmBK;
-            int const kk = e - r * kGemmBK;
-            int64_t const gr = row0 + r;
-            int const gk = k0 + kk;
+            int2 const rk = tileCoord<VEC>(threadIdx.x + l * kGemmThreads);
+            int64_t const gr = row0 + rk.x;
+            int const gk = k0 + rk.y;
             if (VEC)
             {
                 // ld % 8 == 0 and the row is zero-padded up to ld (or K % 8 == 0): a vector that starts inside K
@@ -514,39 +621,94 @@ struct TileLoader
         }
     }
 
+    //! bad[l] |= load l holds an inf / nan (rows past M and k past K were loaded as zeros). Integer tests on the
+    //! raw 16-bit lanes: an all-ones exponent field.
+    __device__ __forceinline__ void markNonFinite(bool (&bad)[kLoads]) const
+    {
+        constexpr uint32_t kExp = std::is_same<T, __half>::value ? 0x7C00u : 0x7F80u;
+        constexpr uint32_t kExp2 = kExp | (kExp << 16);
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l)
+        {
+            if (VEC)
+            {
+                uint4 const v = reinterpret_cast<uint4 const&>(regs[l]);
+                uint32_t const words[4] = {v.x, v.y, v.z, v.w};
+                uint32_t zeroLane = 0;
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                {
+                    uint32_t const x = (words[q] & kExp2) ^ kExp2;  // a 16-bit lane is 0 iff inf / nan
+                    zeroLane |= (x - 0x00010001u) & ~x & 0x80008000u;
+                }
+                bad[l] = bad[l] || zeroLane != 0;
+            }
+            else
+            {
+                uint32_t const h = reinterpret_cast<uint16_t const&>(regs[l]);
+                bad[l] = bad[l] || (h & kExp) == kExp;
+            }
+        }
+    }
+
     __device__ __forceinline__ void store(T* smem) const
     {
 #pragma unroll
         for (int l = 0; l < kLoads; ++l)
         {
-            int const e = (threadIdx.x + l * kGemmThreads) * kElemsPerLoad;
-            int const r = e / kGemmBK;
-            int const kk = e - r * kGemmBK;
+            int2 const rk = tileCoord<VEC>(threadIdx.x + l * kGemmThreads);
             if (VEC)
             {
-                *reinterpret_cast<uint4*>(smem + r * kGemmSmemLd + kk) = reinterpret_cast<uint4 const&>(regs[l]);
+                *reinterpret_cast<uint4*>(smem + rk.x * kGemmSmemLd + rk.y) = reinterpret_cast<uint4 const&>(regs[l]);
             }
             else
             {
-                smem[r * kGemmSmemLd + kk] = reinterpret_cast<T const&>(regs[l]);
+                smem[rk.x * kGemmSmemLd + rk.y] = reinterpret_cast<T const&>(regs[l]);
             }
         }
     }
 };
 
+//! End of a GEMM block of the first column tile: append the rows (of this block's BM) that some thread saw a
+//! non-finite activation in to the fix-up list flagged = [count, rows...]. rowFlag was zeroed at the start.
+template <int BM, int LOADS>
+__device__ __forceinline__ void appendFlaggedRows(int* rowFlag, bool const (&bad)[LOADS], int const (&rowOf)[LOADS],
+    int m0, int M, int rowBase, int* flagged)
+{
+#pragma unroll
+    for (int l = 0; l < LOADS; ++l)
+    {
+        if (bad[l])
+        {
+            rowFlag[rowOf[l]] = 1;  // same value from every writer
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < BM; i += blockDim.x)
+    {
+        if (rowFlag[i] != 0 && m0 + i < M)
+        {
+            int const slot = atomicAdd(flagged, 1);
+            flagged[1 + slot] = rowBase + m0 + i;
+        }
+    }
+}
+
 template <typename T, int BM, bool VECA, bool VECB>
 __device__ __forceinline__ void gemmWmmaBody(T const* __restrict__ A, T const* __restrict__ Bt, int ldb,
-    float const* __restrict__ scales, T* __restrict__ C, int M, int N, int K)
+    float const* __restrict__ scales, T* __restrict__ C, int M, int N, int K, int* __restrict__ flagged, int rowBase)
 {
     using namespace nvcuda;
     constexpr int kWarpM = BM / 2;  // rows of C per warp
     constexpr int kWarpN = kGemmBN / 4;
     constexpr int FM = kWarpM / 16;
     constexpr int FN = kWarpN / 16;
+    using ALoader = TileLoader<T, BM, VECA>;
 
     __shared__ __align__(128) T As[BM * kGemmSmemLd];
     __shared__ __align__(128) T Bs[kGemmBN * kGemmSmemLd];
-    __shared__ __align__(128) float stage[kGemmThreads / kWarpSize][16 * 16];
+    __shared__ __align__(128) float stage[kGemmThreads / kWarpSize][16 * kStageLd];
+    __shared__ int rowFlag[BM];
 
     int const warp = threadIdx.x / kWarpSize;
     int const lane = threadIdx.x & (kWarpSize - 1);
@@ -554,6 +716,16 @@ __device__ __forceinline__ void gemmWmmaBody(T const* __restrict__ A, T const* _
     int const warpN = warp % 4;
     int const m0 = blockIdx.y * BM;
     int const n0 = blockIdx.x * kGemmBN;
+    // The first column tile reads every k of its rows: it flags the rows with inf / nan for the decode fix-up.
+    bool const detect = flagged != nullptr && blockIdx.x == 0;
+    bool bad[ALoader::kLoads] = {};
+    if (detect)
+    {
+        for (int i = threadIdx.x; i < BM; i += kGemmThreads)
+        {
+            rowFlag[i] = 0;
+        }
+    }
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
 #pragma unroll
@@ -562,12 +734,14 @@ __device__ __forceinline__ void gemmWmmaBody(T const* __restrict__ A, T const* _
         for (int j = 0; j < FN; ++j)
             wmma::fill_fragment(acc[i][j], 0.f);
 
-    TileLoader<T, BM, VECA> aLoad;
+    ALoader aLoad;
     TileLoader<T, kGemmBN, VECB> bLoad;
     int const kTiles = (K + kGemmBK - 1) / kGemmBK;
 
     aLoad.load(A, K, m0, M, 0, K);
     bLoad.load(Bt, ldb, n0, N, 0, K);
+    if (detect)
+        aLoad.markNonFinite(bad);
     aLoad.store(As);
     bLoad.store(Bs);
     __syncthreads();
@@ -579,6 +753,8 @@ __device__ __forceinline__ void gemmWmmaBody(T const* __restrict__ A, T const* _
         {
             aLoad.load(A, K, m0, M, (kt + 1) * kGemmBK, K);
             bLoad.load(Bt, ldb, n0, N, (kt + 1) * kGemmBK, K);
+            if (detect)
+                aLoad.markNonFinite(bad);
         }
 #pragma unroll
         for (int kk = 0; kk < kGemmBK; kk += 16)
@@ -605,28 +781,39 @@ __device__ __forceinline__ void gemmWmmaBody(T const* __restrict__ A, T const* _
         }
         __syncthreads();
     }
+    if (detect)
+    {
+        int rowOf[ALoader::kLoads];
+#pragma unroll
+        for (int l = 0; l < ALoader::kLoads; ++l)
+            rowOf[l] = ALoader::row(l);
+        appendFlaggedRows<BM>(rowFlag, bad, rowOf, m0, M, rowBase, flagged);
+    }
 
-    // Epilogue: through a per-warp 16x16 fp32 staging tile so that bounds, scale and conversion are per element.
+    // Epilogue: through a per-warp 16 x 16 fp32 staging tile so that bounds, scale and conversion are per element;
+    // each step of a warp reads 32 banks and writes two 16-element runs of C (epilogueRow).
     float* st = stage[warp];
+    int const col = epilogueCol(lane);
 #pragma unroll
     for (int i = 0; i < FM; ++i)
     {
 #pragma unroll
         for (int j = 0; j < FN; ++j)
         {
-            wmma::store_matrix_sync(st, acc[i][j], 16, wmma::mem_row_major);
+            wmma::store_matrix_sync(st, acc[i][j], kStageLd, wmma::mem_row_major);
             __syncwarp();
-            int const rowBase = m0 + warpM * kWarpM + i * 16;
-            int const colBase = n0 + warpN * kWarpN + j * 16;
+            int const rowBase0 = m0 + warpM * kWarpM + i * 16;
+            int const gn = n0 + warpN * kWarpN + j * 16 + col;
+            // (i outer, scale read here: keeps the 128-row fp16 / bf16 kernels at <= 128 registers, 2 blocks / SM)
+            float const s = scales != nullptr && gn < N ? __ldg(scales + gn) : 1.f;
 #pragma unroll
-            for (int e = lane * 8; e < lane * 8 + 8; ++e)
+            for (int step = 0; step < 8; ++step)
             {
-                int const gm = rowBase + e / 16;
-                int const gn = colBase + e % 16;
+                int const r = epilogueRow(step, lane);
+                int const gm = rowBase0 + r;
                 if (gm < M && gn < N)
                 {
-                    float const s = scales != nullptr ? __ldg(scales + gn) : 1.f;
-                    C[static_cast<int64_t>(gm) * N + gn] = fromFloat<T>(st[e] * s);
+                    C[static_cast<int64_t>(gm) * N + gn] = fromFloat<T>(st[r * kStageLd + col] * s);
                 }
             }
             __syncwarp();
@@ -636,19 +823,20 @@ __device__ __forceinline__ void gemmWmmaBody(T const* __restrict__ A, T const* _
 
 template <typename T, int BM, bool VECA, bool VECB>
 __global__ void __launch_bounds__(kGemmThreads) gemmWmmaKernel(T const* __restrict__ A, T const* __restrict__ Bt,
-    int ldb, float const* __restrict__ scales, T* __restrict__ C, int M, int N, int K)
+    int ldb, float const* __restrict__ scales, T* __restrict__ C, int M, int N, int K, int* __restrict__ flagged,
+    int rowBase)
 {
 #if defined(__CUDA_ARCH__)
     if constexpr (std::is_same<T, __nv_bfloat16>::value)
     {
 #if __CUDA_ARCH__ >= 800
-        gemmWmmaBody<T, BM, VECA, VECB>(A, Bt, ldb, scales, C, M, N, K);
+        gemmWmmaBody<T, BM, VECA, VECB>(A, Bt, ldb, scales, C, M, N, K, flagged, rowBase);
 #endif  // bf16 WMMA needs sm_80; the host never launches this below sm_80
     }
     else
     {
 #if __CUDA_ARCH__ >= 700
-        gemmWmmaBody<T, BM, VECA, VECB>(A, Bt, ldb, scales, C, M, N, K);
+        gemmWmmaBody<T, BM, VECA, VECB>(A, Bt, ldb, scales, C, M, N, K, flagged, rowBase);
 #endif
     }
 #endif
@@ -659,44 +847,58 @@ __global__ void __launch_bounds__(kGemmThreads) gemmWmmaKernel(T const* __restri
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int kSimtTile = 64;
 constexpr int kSimtBK = 16;
+constexpr int kSimtLd = kSimtTile + 4;  // 272-byte rows: 16-byte aligned for the float4 reads
+
+//! Element (row, k) of a 64 x 16 tile that load `e` (= threadIdx.x + l * 256) covers: a warp takes 4 rows x 8
+//! consecutive k (32-byte runs in global memory), so its transposed store tile[k][row] (bank 4k + row mod 32) hits
+//! 32 distinct banks.
+__host__ __device__ __forceinline__ int2 simtTileCoord(int e)
+{
+    return make_int2((e >> 6) * 4 + ((e >> 3) & 3), ((e >> 5) & 1) * 8 + (e & 7));
+}
 
 __global__ void __launch_bounds__(256) gemmSimtF32Kernel(float const* __restrict__ A, float const* __restrict__ Bt,
-    int ldb, float const* __restrict__ scales, float* __restrict__ C, int M, int N, int K)
+    int ldb, float const* __restrict__ scales, float* __restrict__ C, int M, int N, int K, int* __restrict__ flagged,
+    int rowBase)
 {
-    // Transposed tiles (k-major) so that the inner product reads 4 consecutive rows / columns per thread.
-    __shared__ float As[kSimtBK][kSimtTile + 4];
-    __shared__ float Bs[kSimtBK][kSimtTile + 4];
+    // Transposed tiles (k-major): the inner product reads 4 consecutive rows / columns per thread as one float4
+    // (a quarter-warp reads 8 distinct 16-byte slots of Bs, one slot of As).
+    __shared__ __align__(16) float As[kSimtBK][kSimtLd];
+    __shared__ __align__(16) float Bs[kSimtBK][kSimtLd];
+    __shared__ int rowFlag[kSimtTile];
 
     int const tx = threadIdx.x % 16;  // 4 columns each
     int const ty = threadIdx.x / 16;  // 4 rows each
     int const m0 = blockIdx.y * kSimtTile;
     int const n0 = blockIdx.x * kSimtTile;
+    bool const detect = flagged != nullptr && blockIdx.x == 0;
+    bool bad[4] = {};
+    if (detect && threadIdx.x < kSimtTile)
+    {
+        rowFlag[threadIdx.x] = 0;
+    }
 
     float acc[4][4] = {};
     for (int k0 = 0; k0 < K; k0 += kSimtBK)
     {
-        // 64 x 16 elements per tile, 4 per thread; consecutive threads read consecutive k (coalesced 64 B runs).
 #pragma unroll
         for (int l = 0; l < 4; ++l)
         {
-            int const e = threadIdx.x + l * 256;
-            int const r = e / kSimtBK;
-            int const kk = e % kSimtBK;
-            int const gk = k0 + kk;
-            As[kk][r] = (m0 + r < M && gk < K) ? A[static_cast<int64_t>(m0 + r) * K + gk] : 0.f;
-            Bs[kk][r] = (n0 + r < N && gk < K) ? Bt[static_cast<int64_t>(n0 + r) * ldb + gk] : 0.f;
+            int2 const rk = simtTileCoord(threadIdx.x + l * 256);
+            int const gk = k0 + rk.y;
+            float const a = (m0 + rk.x < M && gk < K) ? A[static_cast<int64_t>(m0 + rk.x) * K + gk] : 0.f;
+            bad[l] = bad[l] || (detect && isNonFinite(a));
+            As[rk.y][rk.x] = a;
+            Bs[rk.y][rk.x] = (n0 + rk.x < N && gk < K) ? Bt[static_cast<int64_t>(n0 + rk.x) * ldb + gk] : 0.f;
         }
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kSimtBK; ++kk)
         {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-            {
-                a[i] = As[kk][ty * 4 + i];
-                b[i] = Bs[kk][tx * 4 + i];
-            }
+            float4 const av = *reinterpret_cast<float4 const*>(&As[kk][ty * 4]);
+            float4 const bv = *reinterpret_cast<float4 const*>(&Bs[kk][tx * 4]);
+            float const a[4] = {av.x, av.y, av.z, av.w};
+            float const b[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -704,6 +906,21 @@ __global__ void __launch_bounds__(256) gemmSimtF32Kernel(float const* __restrict
                     acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
         }
         __syncthreads();
+    }
+    if (detect)
+    {
+        int rowOf[4];
+#pragma unroll
+        for (int l = 0; l < 4; ++l)
+            rowOf[l] = simtTileCoord(threadIdx.x + l * 256).x;
+        appendFlaggedRows<kSimtTile>(rowFlag, bad, rowOf, m0, M, rowBase, flagged);
+    }
+    float s[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+    {
+        int const gn = n0 + tx * 4 + j;
+        s[j] = scales != nullptr && gn < N ? __ldg(scales + gn) : 1.f;
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -715,8 +932,7 @@ __global__ void __launch_bounds__(256) gemmSimtF32Kernel(float const* __restrict
             int const gn = n0 + tx * 4 + j;
             if (gm < M && gn < N)
             {
-                float const s = scales != nullptr ? __ldg(scales + gn) : 1.f;
-                C[static_cast<int64_t>(gm) * N + gn] = acc[i][j] * s;
+                C[static_cast<int64_t>(gm) * N + gn] = acc[i][j] * s[j];
             }
         }
     }
@@ -744,6 +960,54 @@ int expandedLd(int rank)
 bool prefillNeedsExpansion(int rank, int keep, int valueType)
 {
     return !(keep == rank && valueType == kROCKET_VALUES_SAME);
+}
+
+//! Workspace bytes of the expanded V (the fix-up row list follows it when keep < rank).
+size_t expandedBytes(int rank, int outFeatures, int actType)
+{
+    return alignUp(static_cast<size_t>(outFeatures) * static_cast<size_t>(expandedLd(rank)) * actBytes(actType),
+        kWorkspaceAlign);
+}
+
+//! Bytes of the list [count, rows...] of rows with non-finite activations (only needed when some rows are unkept).
+size_t flaggedBytes(int64_t rows, int rank, int keep)
+{
+    return keep < rank ? alignUp(sizeof(int) * static_cast<size_t>(rows + 1), kWorkspaceAlign) : 0;
+}
+
+// ---- Logging (each fallback reason once per process) ------------------------------------------------------------
+std::atomic<RocketSparseVLogFn> gLogFn{nullptr};
+std::atomic<void*> gLogUser{nullptr};
+
+enum LogOnce : unsigned
+{
+    kLOG_WS_SMALL = 1u,
+    kLOG_WS_MISALIGNED = 2u,
+    kLOG_NO_TENSOR_CORES = 4u,
+    kLOG_ROWS_TOO_MANY = 8u
+};
+std::atomic<unsigned> gLogged{0};
+
+void logOnce(unsigned reason, int severity, char const* fmt, ...)
+{
+    if (gLogged.fetch_or(reason) & reason)
+    {
+        return;
+    }
+    char msg[400];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, args);
+    va_end(args);
+    RocketSparseVLogFn const fn = gLogFn.load();
+    if (fn != nullptr)
+    {
+        fn(severity, msg, gLogUser.load());
+    }
+    else
+    {
+        fprintf(stderr, "rocket sparse V kernel %s: %s\n", severity == kROCKET_LOG_WARNING ? "warning" : "info", msg);
+    }
 }
 
 //! Compute capability (major * 10 + minor) of the current device, cached per device.
@@ -783,34 +1047,37 @@ bool tensorCoresAvailable(int cc)
 
 template <typename T, int BM, bool VECA>
 void launchGemmTcB(T const* A, T const* Bt, int ldb, bool vecB, float const* scales, T* C, int M, int N, int K,
-    cudaStream_t stream)
+    int* flagged, int rowBase, cudaStream_t stream)
 {
     dim3 const grid((N + kGemmBN - 1) / kGemmBN, (M + BM - 1) / BM);
     if (vecB)
-        gemmWmmaKernel<T, BM, VECA, true><<<grid, kGemmThreads, 0, stream>>>(A, Bt, ldb, scales, C, M, N, K);
+        gemmWmmaKernel<T, BM, VECA, true><<<grid, kGemmThreads, 0, stream>>>(
+            A, Bt, ldb, scales, C, M, N, K, flagged, rowBase);
     else
-        gemmWmmaKernel<T, BM, VECA, false><<<grid, kGemmThreads, 0, stream>>>(A, Bt, ldb, scales, C, M, N, K);
+        gemmWmmaKernel<T, BM, VECA, false><<<grid, kGemmThreads, 0, stream>>>(
+            A, Bt, ldb, scales, C, M, N, K, flagged, rowBase);
 }
 
 template <typename T>
 cudaError_t launchGemmTc(T const* A, T const* Bt, int ldb, float const* scales, T* C, int M, int N, int K,
-    cudaStream_t stream)
+    int* flagged, int rowBase, cudaStream_t stream)
 {
     bool const vecA = K % 8 == 0 && (reinterpret_cast<uintptr_t>(A) & 15u) == 0;
     bool const vecB = ldb % 8 == 0 && (reinterpret_cast<uintptr_t>(Bt) & 15u) == 0;
     // Scalar A tiles need 8x the staging registers: keep those to the 64-row tile (no spills).
     if (vecA && M > 64)
-        launchGemmTcB<T, 128, true>(A, Bt, ldb, vecB, scales, C, M, N, K, stream);
+        launchGemmTcB<T, 128, true>(A, Bt, ldb, vecB, scales, C, M, N, K, flagged, rowBase, stream);
     else if (vecA)
-        launchGemmTcB<T, 64, true>(A, Bt, ldb, vecB, scales, C, M, N, K, stream);
+        launchGemmTcB<T, 64, true>(A, Bt, ldb, vecB, scales, C, M, N, K, flagged, rowBase, stream);
     else
-        launchGemmTcB<T, 64, false>(A, Bt, ldb, vecB, scales, C, M, N, K, stream);
+        launchGemmTcB<T, 64, false>(A, Bt, ldb, vecB, scales, C, M, N, K, flagged, rowBase, stream);
     return cudaGetLastError();
 }
 
+//! C = A @ B (+ column scales); `flagged` (may be null): the fix-up list the GEMM appends rows with inf / nan to.
 template <typename T>
 cudaError_t launchGemm(T const* A, T const* Bt, int ldb, float const* scales, T* C, int64_t M, int N, int K,
-    cudaStream_t stream)
+    int* flagged, cudaStream_t stream)
 {
     // grid.y is limited to 65535 blocks: split very tall problems.
     constexpr int64_t kMaxRowsPerLaunch = int64_t{65535} * 64;
@@ -819,16 +1086,17 @@ cudaError_t launchGemm(T const* A, T const* Bt, int ldb, float const* scales, T*
         int const m = static_cast<int>(M - r0 < kMaxRowsPerLaunch ? M - r0 : kMaxRowsPerLaunch);
         T const* a = A + r0 * K;
         T* c = C + r0 * N;
+        int const rowBase = static_cast<int>(r0);  // the caller keeps M <= INT32_MAX when flagging
         cudaError_t err;
         if constexpr (std::is_same<T, float>::value)
         {
             dim3 const grid((N + kSimtTile - 1) / kSimtTile, (m + kSimtTile - 1) / kSimtTile);
-            gemmSimtF32Kernel<<<grid, 256, 0, stream>>>(a, Bt, ldb, scales, c, m, N, K);
+            gemmSimtF32Kernel<<<grid, 256, 0, stream>>>(a, Bt, ldb, scales, c, m, N, K, flagged, rowBase);
             err = cudaGetLastError();
         }
         else
         {
-            err = launchGemmTc<T>(a, Bt, ldb, scales, c, m, N, K, stream);
+            err = launchGemmTc<T>(a, Bt, ldb, scales, c, m, N, K, flagged, rowBase, stream);
         }
         if (err != cudaSuccess)
         {
@@ -838,12 +1106,34 @@ cudaError_t launchGemm(T const* A, T const* Bt, int ldb, float const* scales, T*
     return cudaSuccess;
 }
 
+//! Recompute the flagged rows with the decode kernel (see sparseVFixupKernel).
+template <typename T, typename VT>
+cudaError_t launchFixup(T const* t, VT const* values, uint8_t const* mask, float const* scales, T* y, int const* flagged,
+    int rank, int keep, int outFeatures, cudaStream_t stream)
+{
+    constexpr int MAXR = kDecodeMaxRows;
+    constexpr int CPW = DecodeCols<MAXR>::kValue;
+    int const maskBytes = (rank + 7) / 8;
+    int const sliceWords = min(DecodeSlice<MAXR>::kWords, (rank + kWarpSize - 1) / kWarpSize);
+    size_t const smem = static_cast<size_t>(MAXR) * sliceWords * kWarpSize * sizeof(float);
+    int const colsPerBlock = kDecodeWarps * CPW;
+    dim3 const grid((outFeatures + colsPerBlock - 1) / colsPerBlock);
+    bool const aligned4 = maskBytes % 4 == 0 && (reinterpret_cast<uintptr_t>(mask) & 3u) == 0;
+    sparseVFixupKernel<T, VT><<<grid, kDecodeWarps * kWarpSize, smem, stream>>>(
+        t, values, mask, scales, y, flagged, rank, keep, outFeatures, maskBytes, sliceWords, aligned4);
+    return cudaGetLastError();
+}
+
 template <typename T, typename VT>
 cudaError_t launchPrefill(T const* t, VT const* values, uint8_t const* mask, float const* scales, T* y, int64_t rows,
-    int rank, int keep, int outFeatures, int valueType, void* workspace, cudaStream_t stream)
+    int rank, int keep, int outFeatures, int actType, int valueType, void* workspace, cudaStream_t stream)
 {
     T const* bt = nullptr;
     int ldb = rank;
+    // Some rows unkept: the GEMM's zeros would turn an unkept inf / nan into nan, so flag and fix up those rows.
+    int* flagged = keep < rank
+        ? reinterpret_cast<int*>(static_cast<char*>(workspace) + expandedBytes(rank, outFeatures, actType))
+        : nullptr;
     if (prefillNeedsExpansion(rank, keep, valueType))
     {
         T* dense = static_cast<T*>(workspace);
@@ -853,10 +1143,10 @@ cudaError_t launchPrefill(T const* t, VT const* values, uint8_t const* mask, flo
         dim3 const grid((outFeatures + kExpandWarps - 1) / kExpandWarps);
         if (keep == rank)
             expandVKernel<VT, T, true><<<grid, kExpandWarps * kWarpSize, 0, stream>>>(
-                values, mask, dense, ldb, rank, keep, outFeatures, maskBytes, aligned4);
+                values, mask, dense, ldb, rank, keep, outFeatures, maskBytes, aligned4, flagged);
         else
             expandVKernel<VT, T, false><<<grid, kExpandWarps * kWarpSize, 0, stream>>>(
-                values, mask, dense, ldb, rank, keep, outFeatures, maskBytes, aligned4);
+                values, mask, dense, ldb, rank, keep, outFeatures, maskBytes, aligned4, flagged);
         cudaError_t const err = cudaGetLastError();
         if (err != cudaSuccess)
         {
@@ -868,8 +1158,13 @@ cudaError_t launchPrefill(T const* t, VT const* values, uint8_t const* mask, flo
     {
         bt = reinterpret_cast<T const*>(values);  // dense V^T already in the activation type
     }
-    return launchGemm<T>(t, bt, ldb, valueType == kROCKET_VALUES_SAME ? nullptr : scales, y, rows, outFeatures, rank,
-        stream);
+    cudaError_t const err = launchGemm<T>(t, bt, ldb, valueType == kROCKET_VALUES_SAME ? nullptr : scales, y, rows,
+        outFeatures, rank, flagged, stream);
+    if (err != cudaSuccess || flagged == nullptr)
+    {
+        return err;
+    }
+    return launchFixup<T, VT>(t, values, mask, scales, y, flagged, rank, keep, outFeatures, stream);
 }
 
 template <typename F>
@@ -900,6 +1195,12 @@ int dispatchTypes(int actType, int valueType, F&& f)
 // =================================================================================================================
 // C entry points
 // =================================================================================================================
+extern "C" void rocketSparseVSetLogger(RocketSparseVLogFn fn, void* user)
+{
+    rocket::gLogUser.store(user);
+    rocket::gLogFn.store(fn);
+}
+
 extern "C" int rocketSparseVDecodeMaxRows(void)
 {
     return rocket::kDecodeMaxRows;
@@ -951,8 +1252,7 @@ extern "C" size_t rocketSparseVWorkspaceSize(int64_t rows, int32_t rank, int32_t
     {
         return 0;
     }
-    return alignUp(static_cast<size_t>(outFeatures) * static_cast<size_t>(expandedLd(rank)) * actBytes(actType),
-        kWorkspaceAlign);
+    return expandedBytes(rank, outFeatures, actType) + flaggedBytes(rows, rank, keep);
 }
 
 extern "C" int rocketSparseVMatMul(void const* t, void const* values, uint8_t const* mask, float const* scales, void* y,
@@ -990,18 +1290,44 @@ extern "C" int rocketSparseVMatMul(void const* t, void const* values, uint8_t co
         bool prefill = path == kROCKET_PATH_PREFILL || (path == kROCKET_PATH_AUTO && rows > kDecodeMaxRows);
         if (prefill)
         {
+            // Without room for the expanded V (or without tensor cores for this type) the decode kernel is the
+            // always-correct fallback: say so once, since it is much slower for many rows.
             size_t const need = rocketSparseVWorkspaceSize(rows, rank, keep, outFeatures, actType, valueType,
                 kROCKET_PATH_PREFILL);
-            bool const wsOk = need == 0
-                || (workspace != nullptr && workspaceBytes >= need
-                    && (reinterpret_cast<uintptr_t>(workspace) & (kWorkspaceAlign - 1)) == 0);
-            // Without room for the expanded V (or without tensor cores for this type) the decode kernel is the
-            // always-correct fallback.
-            prefill = wsOk && tensorCoresAvailable<T>(currentDeviceCC());
+            int const cc = currentDeviceCC();
+            if (need > 0 && (workspace == nullptr || workspaceBytes < need))
+            {
+                logOnce(kLOG_WS_SMALL, kROCKET_LOG_WARNING,
+                    "prefill needs %zu bytes of workspace (rocketSparseVWorkspaceSize) for %lld rows x rank %d -> %d, "
+                    "got %zu: using the slower decode kernel; pass the workspace size for the largest row count",
+                    need, static_cast<long long>(rows), rank, outFeatures, workspace == nullptr ? size_t{0} : workspaceBytes);
+                prefill = false;
+            }
+            else if (need > 0 && (reinterpret_cast<uintptr_t>(workspace) & (kWorkspaceAlign - 1)) != 0)
+            {
+                logOnce(kLOG_WS_MISALIGNED, kROCKET_LOG_WARNING,
+                    "prefill workspace %p is not 256-byte aligned: using the slower decode kernel; pass an aligned "
+                    "workspace (cudaMalloc / the framework allocator return aligned blocks)", workspace);
+                prefill = false;
+            }
+            else if (!tensorCoresAvailable<T>(cc))
+            {
+                logOnce(kLOG_NO_TENSOR_CORES, kROCKET_LOG_INFO,
+                    "no %s tensor cores on sm_%d: prefill uses the decode kernel", actType == kROCKET_ACT_BF16
+                        ? "bf16" : "fp16", cc);
+                prefill = false;
+            }
+            else if (keep < rank && rows > INT32_MAX)
+            {
+                logOnce(kLOG_ROWS_TOO_MANY, kROCKET_LOG_WARNING,
+                    "%lld rows exceed the prefill fix-up list (int32): using the decode kernel",
+                    static_cast<long long>(rows));
+                prefill = false;
+            }
         }
         cudaError_t const err = prefill
-            ? launchPrefill<T, VT>(tt, vv, mask, colScales, yy, rows, rank, keep, outFeatures, valueType, workspace,
-                stream)
+            ? launchPrefill<T, VT>(tt, vv, mask, colScales, yy, rows, rank, keep, outFeatures, actType, valueType,
+                workspace, stream)
             : launchDecode<T, VT>(tt, vv, mask, colScales, yy, rows, rank, keep, outFeatures, stream);
         return static_cast<int>(err);
     });

@@ -7,6 +7,11 @@
  *   scales float [d_out]              only for quantized values (int8 / fp8 e4m3): V[i, j] = q * scales[j]
  * When k == r ("dense V") values is V^T and the mask (all ones) is not read.
  *
+ * Non-finite activations: y[m, j] sums only the basis rows that column j keeps, on every path. An inf / nan in t at a
+ * row that column j does not keep never reaches y[:, j]; one at a kept row propagates as IEEE arithmetic says (inf,
+ * or nan for inf * 0, inf - inf, nan). The prefill GEMM multiplies the zeros of the expanded V, so it flags the rows
+ * of t that hold a non-finite value and recomputes exactly those rows with the decode kernel (same stream).
+ *
  * Plain C interface: no TensorRT and no torch types, so the TensorRT plugin and the torch extension compile the
  * same .cu file. All functions are thread-safe; launches go to the given stream and never synchronize.
  */
@@ -53,12 +58,26 @@ enum
     kROCKET_STATUS_UNSUPPORTED = 10002
 };
 
+/* Severity of a message handed to the log callback. */
+enum
+{
+    kROCKET_LOG_WARNING = 1,
+    kROCKET_LOG_INFO = 2
+};
+
+/* Where the launcher reports a fallback (each reason once per process): fn(severity, message, user). NULL restores
+ * the default, a line on stderr. The TensorRT plugin routes it to TensorRT's logger, the torch extension to Python
+ * warnings. */
+typedef void (*RocketSparseVLogFn)(int severity, char const* message, void* user);
+void rocketSparseVSetLogger(RocketSparseVLogFn fn, void* user);
+
 /* Rows up to which the auto path uses the decode kernel. */
 int rocketSparseVDecodeMaxRows(void);
 
 /* Bytes of device workspace the launch needs for this shape on `path` (0 for the decode path, and for a dense
- * V whose values are already in the activation type). Monotone in rows, so the size for the largest rows of a
- * range covers every smaller row count. The workspace pointer must be 256-byte aligned. */
+ * V whose values are already in the activation type): the expanded V, plus (keep < rank) a list of rows that hold
+ * non-finite activations, 4 * (rows + 1) bytes. Monotone in rows, so the size for the largest rows of a range covers
+ * every smaller row count. The workspace pointer must be 256-byte aligned. */
 size_t rocketSparseVWorkspaceSize(int64_t rows, int32_t rank, int32_t keep, int32_t outFeatures, int32_t actType,
     int32_t valueType, int32_t path);
 
@@ -69,8 +88,9 @@ int rocketSparseVValidate(int64_t rows, int32_t rank, int32_t keep, int32_t outF
 
 /* y[rows, outFeatures] = t[rows, rank] @ V.  All pointers are device pointers to contiguous row-major tensors;
  * scales may be NULL only for kROCKET_VALUES_SAME; mask may be NULL when keep == rank. If the workspace is smaller
- * than rocketSparseVWorkspaceSize(..., path), the prefill path falls back to the (slower, always correct) decode
- * kernel. Returns 0, a cudaError_t value from the launch, or kROCKET_STATUS_*. */
+ * than rocketSparseVWorkspaceSize(..., path) or not 256-byte aligned (or the device has no tensor cores for the
+ * type), the prefill path falls back to the (slower, same results) decode kernel and logs the reason once.
+ * Returns 0, a cudaError_t value from the launch, or kROCKET_STATUS_*. */
 int rocketSparseVMatMul(void const* t, void const* values, uint8_t const* mask, float const* scales, void* y,
     int64_t rows, int32_t rank, int32_t keep, int32_t outFeatures, int32_t actType, int32_t valueType,
     void* workspace, size_t workspaceBytes, int32_t path, cudaStream_t stream);

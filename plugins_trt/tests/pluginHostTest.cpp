@@ -254,6 +254,145 @@ Fields layerFields(int32_t rank, int32_t keep, int32_t out, int32_t valueType)
     return f;
 }
 
+// ---- A fake TensorRT plugin registry, exported by this executable as getPluginRegistry (the library finds it with
+// dlsym(RTLD_DEFAULT) as it finds libnvinfer's): records what the library registers and when.
+class FakeRegistry : public IPluginRegistry
+{
+public:
+    struct Entry
+    {
+        IPluginCreatorInterface* creator;
+        std::string ns;
+    };
+    std::vector<Entry> entries;
+    int registerCalls{0};
+    int deregisterCalls{0};
+
+    static IPluginCreatorV3One* v3(IPluginCreatorInterface* c)
+    {
+        return std::strcmp(c->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0 ? static_cast<IPluginCreatorV3One*>(c)
+                                                                                    : nullptr;
+    }
+    bool registerCreator(IPluginCreatorInterface& creator, AsciiChar const* const ns) noexcept override
+    {
+        ++registerCalls;
+        entries.push_back({&creator, ns != nullptr ? ns : ""});
+        return true;
+    }
+    IPluginCreatorInterface* getCreator(
+        AsciiChar const* const name, AsciiChar const* const version, AsciiChar const* const ns) noexcept override
+    {
+        for (auto const& e : entries)
+        {
+            IPluginCreatorV3One* c = v3(e.creator);
+            if (c != nullptr && std::strcmp(c->getPluginName(), name) == 0 && std::strcmp(c->getPluginVersion(), version) == 0
+                && e.ns == (ns != nullptr ? ns : ""))
+            {
+                return e.creator;
+            }
+        }
+        return nullptr;
+    }
+    bool deregisterCreator(IPluginCreatorInterface const& creator) noexcept override
+    {
+        ++deregisterCalls;
+        for (auto it = entries.begin(); it != entries.end(); ++it)
+        {
+            if (it->creator == &creator)
+            {
+                entries.erase(it);
+                return true;
+            }
+        }
+        return false;
+    }
+    // Not used by the library.
+    bool registerCreator(IPluginCreator&, AsciiChar const* const) noexcept override
+    {
+        return false;
+    }
+    IPluginCreator* const* getPluginCreatorList(int32_t* const n) const noexcept override
+    {
+        *n = 0;
+        return nullptr;
+    }
+    IPluginCreator* getPluginCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
+    {
+        return nullptr;
+    }
+    void setErrorRecorder(IErrorRecorder* const) noexcept override {}
+    IErrorRecorder* getErrorRecorder() const noexcept override
+    {
+        return nullptr;
+    }
+    bool deregisterCreator(IPluginCreator const&) noexcept override
+    {
+        return false;
+    }
+    bool isParentSearchEnabled() const override
+    {
+        return false;
+    }
+    void setParentSearchEnabled(bool const) override {}
+    PluginLibraryHandle loadLibrary(AsciiChar const*) noexcept override
+    {
+        return nullptr;
+    }
+    void deregisterLibrary(PluginLibraryHandle) noexcept override {}
+    IPluginCreatorInterface* const* getAllCreators(int32_t* const n) const noexcept override
+    {
+        *n = 0;
+        return nullptr;
+    }
+    IPluginResource* acquirePluginResource(AsciiChar const*, IPluginResource*) noexcept override
+    {
+        return nullptr;
+    }
+    int32_t releasePluginResource(AsciiChar const*) noexcept override
+    {
+        return 0;
+    }
+    IPluginCreatorInterface* const* getAllCreatorsRecursive(int32_t* const n) noexcept
+    {
+        *n = 0;
+        return nullptr;
+    }
+};
+
+FakeRegistry& fakeRegistry()
+{
+    static FakeRegistry r;
+    return r;
+}
+
+//! Load-time registration is opt-in; explicit registration goes through initRocketTrtPlugins; getCreators() (what
+//! IPluginRegistry::loadLibrary calls) takes any earlier registration back so that the loader's is the only one.
+void testRegistration(RecordingLogger& logger)
+{
+    std::printf("registration\n");
+    FakeRegistry& r = fakeRegistry();
+#if ROCKET_EXPECT_STATIC_REGISTRATION
+    CHECK(r.registerCalls == 1 && r.entries.size() == 1);  // -DROCKET_STATIC_REGISTRATION=ON: registered in dlopen
+#else
+    CHECK(r.registerCalls == 0 && r.entries.empty());  // the default: nothing happens while the library loads
+#endif
+    logger.messages.clear();
+    logger.verbose = false;
+    CHECK(!initRocketTrtPlugins(nullptr, "other"));
+    CHECK(logger.contains("namespace 'other'"));
+    logger.verbose = true;
+    CHECK(initRocketTrtPlugins(nullptr, "rocket"));
+    CHECK(initRocketTrtPlugins(nullptr, nullptr));  // idempotent
+    CHECK(r.entries.size() == 1 && r.entries[0].ns == "rocket");
+    CHECK(r.getCreator("RocketSparseVMatMul", "1", "rocket") != nullptr);
+    int32_t n = 0;
+    getCreators(n);
+    CHECK(n == 1 && r.entries.empty() && r.deregisterCalls >= 1);
+    CHECK(initRocketTrtPlugins(nullptr, ""));  // after a hand-over an explicit call registers again
+    getCreators(n);
+    CHECK(r.entries.empty());
+}
+
 IPluginCreatorV3One* getRocketCreator()
 {
     int32_t n = 0;
@@ -624,10 +763,11 @@ void testConfigureAndWorkspace(IPluginCreatorV3One* creator, RecordingLogger& lo
         auto dec = makeIO({-1, 1, rank}, {4, 1, rank});
         CHECK(h.build->configurePlugin(dec.data(), nbIn, dec.data() + nbIn, 1) == 0);
         CHECK(h.build->getWorkspaceSize(dec.data(), nbIn, dec.data() + nbIn, 1) == 0);
-        // Prefill profile: the expanded V, d_out x ceil8(rank) fp16, 256-byte aligned.
+        // Prefill profile: the expanded V, d_out x ceil8(rank) fp16, 256-byte aligned, then (keep < rank) the list of
+        // rows with non-finite activations: count + one int per row of the profile's max (4 x 512).
         auto pre = makeIO({-1, -1, rank}, {4, 512, rank});
         size_t const ws = h.build->getWorkspaceSize(pre.data(), nbIn, pre.data() + nbIn, 1);
-        size_t const expect = (static_cast<size_t>(out) * 104 * 2 + 255) / 256 * 256;
+        size_t const expect = (static_cast<size_t>(out) * 104 * 2 + 255) / 256 * 256 + (4u * 2049u + 255) / 256 * 256;
         CHECK(ws == expect);
         CHECK(ws == rocketSparseVWorkspaceSize(2048, rank, keep, out, kROCKET_ACT_FP16, vt, kROCKET_PATH_AUTO));
         // A wrong last dimension of t is refused with a message.
@@ -644,7 +784,13 @@ void testConfigureAndWorkspace(IPluginCreatorV3One* creator, RecordingLogger& lo
     CHECK(rocketSparseVWorkspaceSize(4096, 256, 256, 512, kROCKET_ACT_FP16, kROCKET_VALUES_INT8, kROCKET_PATH_AUTO)
         == 512u * 256u * 2u);
     CHECK(rocketSparseVWorkspaceSize(4096, 256, 100, 512, kROCKET_ACT_FP32, kROCKET_VALUES_SAME, kROCKET_PATH_AUTO)
-        == 512u * 256u * 4u);
+        == 512u * 256u * 4u + (4u * 4097u + 255) / 256 * 256);
+    // Monotone in rows (a profile's max covers its smaller shapes).
+    for (int64_t rows = 17; rows < 3000; rows += 97)
+    {
+        CHECK(rocketSparseVWorkspaceSize(rows, 256, 100, 512, kROCKET_ACT_FP16, 0, kROCKET_PATH_AUTO)
+            <= rocketSparseVWorkspaceSize(rows + 1, 256, 100, 512, kROCKET_ACT_FP16, 0, kROCKET_PATH_AUTO));
+    }
     // Monotone in rows: at or below the decode limit nothing, above it the full expansion.
     int const limit = rocketSparseVDecodeMaxRows();
     CHECK(rocketSparseVWorkspaceSize(limit, 256, 100, 512, kROCKET_ACT_FP16, 0, kROCKET_PATH_AUTO) == 0);
@@ -666,6 +812,11 @@ void testConfigureAndWorkspace(IPluginCreatorV3One* creator, RecordingLogger& lo
 
 } // namespace
 
+extern "C" IPluginRegistry* getPluginRegistry() noexcept
+{
+    return &fakeRegistry();
+}
+
 int main()
 {
     RecordingLogger logger;
@@ -673,6 +824,7 @@ int main()
     setLoggerFinder(&finder);
 
     std::printf("TensorRT headers %d.%d.%d\n", NV_TENSORRT_MAJOR, NV_TENSORRT_MINOR, NV_TENSORRT_PATCH);
+    testRegistration(logger);
     IPluginCreatorV3One* creator = getRocketCreator();
     CHECK(creator != nullptr);
     if (creator == nullptr)

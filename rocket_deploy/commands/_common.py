@@ -16,9 +16,12 @@ from ..targets import TargetError
 
 @contextlib.contextmanager
 def friendly_errors():
-    """Known failures become click errors (message + fix, exit code 1/2), never a traceback."""
+    """Known failures become click errors (message + fix, exit code 1/2), never a traceback. SIGTERM inside
+    the block is handled like Ctrl-C (temporary outputs and profiles are removed, nothing half-written stays)."""
+    from ..safe_io import sigterm_as_interrupt
     try:
-        yield
+        with sigterm_as_interrupt():
+            yield
     except (ModelLoadError, ArtifactError) as e:
         raise click.BadParameter(str(e)) from e
     except (ConfigError, CorpusError, TargetError, FileExistsError) as e:

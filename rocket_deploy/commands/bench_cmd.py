@@ -5,6 +5,7 @@ import os
 
 import click
 
+from ..runtime.backends import BACKEND_NAMES
 from ._common import echo_json_line, format_table, friendly_errors
 
 
@@ -20,7 +21,7 @@ def _ints(ctx, param, value):
 
 @click.command("bench")
 @click.argument("path", type=click.Path())
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default=None,
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
               help="Default: from PATH (artifact dir -> torch, .onnx or export dir -> ort, .plan -> trt).")
 @click.option("--batch", "batches", default="1", show_default=True, callback=_ints, help="Comma-separated batch sizes.")
 @click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True, help="Prompt tokens (random ids).")
@@ -36,9 +37,6 @@ def bench(path, backend, batches, prompt_len, gen_len, warmup, runs, threads, as
                                  param_hint="PATH")
     with friendly_errors():
         from ..runtime.bench import BenchConfig, bench_engine, open_for_bench
-        if backend is None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.onnx")) \
-                and not os.path.isfile(os.path.join(path, "rocket.json")):
-            backend = "ort"
         try:
             engine = open_for_bench(path, backend, threads=threads)
         except (ValueError, FileNotFoundError) as e:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from rocket_deploy.onnx_contract import model_path
+
 
 def _parse_range(value: str, param: str, what: str):
-    from rocket_deploy.runtime.trt_backend import DimRange
+    from rocket_deploy.runtime.trt import DimRange
     try:
         return DimRange.parse(value, what)
     except ValueError as e:
@@ -43,9 +45,9 @@ def build(model, out, batch, seq, max_context, past_opt, timing_cache, workspace
 
     Example: rocket-deploy build model.onnx --out model.plan --batch 1:1:4 --seq 1:128:512 --max-context 2048
     """
-    from rocket_deploy.runtime import trt_backend as tb
+    from rocket_deploy.runtime import trt as tb
 
-    onnx_path = model / "model.onnx" if model.is_dir() else model
+    onnx_path = Path(model_path(str(model)))
     if not onnx_path.is_file():
         raise click.BadParameter(f"{str(onnx_path)!r} does not exist; pass the .onnx file written by "
                                  f"`rocket-deploy export --target trt` (or its directory)", param_hint="MODEL")
@@ -79,7 +81,7 @@ def build(model, out, batch, seq, max_context, past_opt, timing_cache, workspace
     try:
         tb.build_engine(onnx_path, plan, ranges, timing_cache=timing_cache, workspace_gb=workspace_gb,
                         builder_optimization_level=opt_level, progress=not quiet, plugin_library=plugin_library)
-    except tb.TensorRTNotInstalled as e:
+    except tb.TensorRTUnavailable as e:
         raise click.ClickException(f"{e}\n`rocket-deploy build --dry-run` shows the profile without TensorRT; "
                                    f"`rocket-deploy doctor` lists what works here.") from None
     except tb.PluginLibraryNotFound as e:

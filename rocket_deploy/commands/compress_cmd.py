@@ -5,83 +5,9 @@ import os
 
 import click
 
+from ..config import METHODS, QUANT_METHODS, QUANT_SCHEMES
 from ._common import echo_json_line, format_table, friendly_errors
-
-
-def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return tuple(float(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}")
-
-
-def calibration_options(f):
-    """Options shared by commands that calibrate (compress, sweep)."""
-    opts = [
-        click.option("--calib", "calib", multiple=True, metavar="SOURCE",
-                     help="Calibration text: a .txt / .jsonl file, or a built-in source (stdlib, pyref, licenses, "
-                          "pkgdocs, selfgen = sampled from the model). Repeat to mix; given sources replace the "
-                          "default mix stdlib+pyref+licenses+selfgen."),
-        click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1), help="Calibration sequences."),
-        click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8), help="Tokens per sequence."),
-        click.option("--eval-samples", default=16, show_default=True, type=click.IntRange(1), help="Held-out sequences."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the document split."),
-        click.option("--targets", multiple=True, metavar="REGEX", help="Layer-name patterns to compress (default: attention and MLP projections)."),
-        click.option("--exclude", multiple=True, metavar="REGEX", help="Layer-name patterns to leave dense."),
-        click.option("--byte-fractions", callback=_floats, default=None, help="Profiled byte fractions, e.g. 0.2,0.4,0.6,0.8."),
-        click.option("--keep-ratios", callback=_floats, default=None, help="Profiled keep-per-column ratios k/r, e.g. 1,0.5."),
-        click.option("--objective", type=click.Choice(["auto", "fisher", "rel-original", "rel-whitened", "whitened-energy"]),
-                     default=None, help="Per-layer error the knapsack minimises (default auto: fisher for causal LMs)."),
-        click.option("--profile-dir", type=click.Path(file_okay=False), default=None,
-                     help="Keep the profile here and reuse it on later runs with the same calibration."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, seed, targets, exclude,
-                  byte_fractions, keep_ratios, objective, quantize=None):
-    from ..config import CalibrationConfig, RocketConfig
-    kw = {"budget": budget, "method": method, "quantize": quantize}      # validated together: dense-quant needs quantize
-    if targets:
-        kw["targets"] = targets
-    if exclude:
-        kw["exclude"] = exclude
-    if byte_fractions:
-        kw["byte_fractions"] = byte_fractions
-    if keep_ratios:
-        kw["keep_ratios"] = keep_ratios
-    if objective:
-        kw["objective"] = objective
-    from ..config import DEFAULT_SOURCES
-    cal = CalibrationConfig(sources=calib or DEFAULT_SOURCES, samples=calib_samples, seq_len=seq_len,
-                            eval_samples=eval_samples, seed=seed)
-    return RocketConfig(**kw), cal
-
-
-def get_profile(model, tokenizer, config, cal, data, profile_dir, quiet):
-    """Reuse the profile in ``profile_dir`` when it matches this calibration and grid, else profile anew."""
-    from ..compress.pipeline import run_profile
-    from ..compress.profile import Profile
-    if profile_dir and os.path.isfile(os.path.join(profile_dir, "profile.json")):
-        prof = Profile.load(profile_dir)
-        same_data = prof.calibration.get("calib_sha256_16") == data.info["calib_sha256_16"]
-        same_grid = prof.grid.get("byte_fractions") == list(config.byte_fractions) and \
-            prof.grid.get("keep_ratios") == list(config.keep_ratios) and \
-            prof.grid.get("quantize") == config.quantize and \
-            prof.grid.get("gram_damping", 0.0) == config.gram_damping and \
-            prof.grid.get("quant_group_size", config.quant_group_size) == config.quant_group_size
-        if same_data and same_grid:
-            if not quiet:
-                click.echo(f"reusing profile in {profile_dir}", err=True)
-            return prof
-        if not quiet:
-            click.echo(f"profile in {profile_dir} was made with other calibration or grid; profiling again", err=True)
-    return run_profile(model, tokenizer, config, cal, data=data, cache_dir=profile_dir, progress=not quiet)
+from ._options import build_configs, calibration_options, trust_remote_code_option
 
 
 @click.command("compress")
@@ -89,38 +15,64 @@ def get_profile(model, tokenizer, config, cal, data, profile_dir, quiet):
 @click.option("--budget", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.3, show_default=True,
               help="Fraction of the targeted layers' fp16 bytes to remove (0 < budget < 1).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to write.")
-@click.option("--method", type=click.Choice(["rocket", "rocket-uniform", "svd-llm", "dense-quant"]), default="rocket",
+@click.option("--method", type=click.Choice(METHODS), default="rocket",
               show_default=True, help="dense-quant: no ROCKET, the dense weights quantized with --quantize (baseline).")
-@click.option("--quantize", type=click.Choice(["int8", "fp8", "int4"]), default=None,
+@click.option("--quantize", type=click.Choice(QUANT_SCHEMES), default=None,
               help="Quantize the factors (U per rank component, V per output column; int4: U group-wise, V int8); "
                    "the budget then counts quantized bytes. See docs/quantization.md.")
+@click.option("--quant-method", type=click.Choice(QUANT_METHODS), default=None,
+              help="How quantized weights are rounded: rtn (nearest, whitened clip search) or gptq (error feedback "
+                   "with the calibration Gram) -- for dense weights and U (default: the config's).")
+@click.option("--quant-v-refit/--no-quant-v-refit", default=None,
+              help="Refit V's kept values to the quantized U (default: the config's).")
 @click.option("--safeguard/--no-safeguard", default=True, show_default=True,
               help="Also build the uniform allocation at the same bytes and keep it if it has lower held-out "
                    "perplexity (costs one extra model build and evaluation).")
 @click.option("--gram-damping", type=click.FloatRange(0, 10), default=None,
               help="Add this fraction of the mean activation energy to the Gram's diagonal before whitening "
                    "(default: the config's; see docs/benchmarks.md section 2).")
+@click.option("--refit-rounds", type=click.IntRange(0, 20), default=None,
+              help="Alternate least-squares refits of V (on its kept entries) and U this many times per layer "
+                   "(default: the config's; docs/benchmarks.md section 7).")
+@click.option("--error-propagation/--no-error-propagation", default=None,
+              help="Fit each block to the outputs of the already-compressed blocks (one more calibration pass; "
+                   "default: the config's; docs/benchmarks.md section 7).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
 @calibration_options
-def compress(model, budget, out, method, quantize, safeguard, gram_damping, overwrite, as_json, calib, calib_samples,
-             seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet):
+@trust_remote_code_option
+def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, safeguard, gram_damping, refit_rounds,
+             error_propagation, overwrite, as_json, calib, calib_samples,
+             seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet,
+             trust_remote_code):
     """Compress MODEL (a Hugging Face directory, a .gguf file, or smollm2-135m) into an artifact at --out."""
-    if os.path.exists(out) and not overwrite:
-        raise click.ClickException(f"{out} already exists; choose another --out or pass --overwrite")
+    from ..safe_io import OutputError, check_output
+    try:        # before any work: --out replaceable (ours or empty, not the input / cwd), parent writable
+        check_output(out, overwrite, "artifact", inputs=[model] if os.path.exists(model) else [])
+    except OutputError as e:
+        raise click.ClickException(str(e)) from e
     with friendly_errors():
         config, cal = build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, seed, targets,
                                     exclude, byte_fractions, keep_ratios, objective, quantize)
         config = config.replace(safeguard=safeguard)
         if gram_damping is not None:
             config = config.replace(gram_damping=gram_damping)
-        from ..compress.pipeline import compress as run_compress, prepare_calibration
+        if refit_rounds is not None:
+            config = config.replace(refit_rounds=refit_rounds)
+        if error_propagation is not None:
+            config = config.replace(error_propagation=error_propagation)
+        if quant_method is not None:
+            config = config.replace(quant_method=quant_method, quant_u_method=quant_method)
+        if quant_v_refit is not None:
+            config = config.replace(quant_v_refit=quant_v_refit)
+        from ..compress.pipeline import compress as run_compress, load_or_profile, prepare_calibration
         from ..models import load_model
         from ..targets import select_targets
-        lm = load_model(model)
+        lm = load_model(model, trust_remote_code=trust_remote_code)
         select_targets(lm.model, config.targets, config.exclude)     # fail fast on bad patterns
         data = prepare_calibration(lm.tokenizer, cal, lm.model)
-        prof = get_profile(lm.model, lm.tokenizer, config, cal, data, profile_dir, quiet)
+        prof = load_or_profile(lm.model, lm.tokenizer, config, cal, data, profile_dir, progress=not quiet,
+                               log=None if quiet else (lambda m: click.echo(m, err=True)))
         try:
             res = run_compress(lm.model, lm.tokenizer, config, cal, out=out, overwrite=overwrite, profile=prof,
                                data=data, inplace=True, progress=not quiet, source=lm.source)

@@ -5,16 +5,18 @@ import os
 
 import click
 
+from ..onnx_contract import EXPORT_DTYPES, EXPORT_TARGETS, ONNX_DOMAIN, ORT_TRT_PLUGIN_DOMAIN, PLUGIN_DOMAINS
 from ._common import echo_json_line, format_table, friendly_errors
+from ._options import no_verify_option, trust_remote_code_option
 
 
 @click.command("export")
 @click.argument("source", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(), help="Output directory (gets model.onnx, tokenizer, export.json).")
-@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+@click.option("--target", type=click.Choice(EXPORT_TARGETS), default="ort", show_default=True,
               help="ort: standard ONNX ops only (any ONNX Runtime). trt: the sparse V product as one "
                    "rocket.RocketSparseVMatMul node for the TensorRT plugin (see docs/export.md).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(EXPORT_DTYPES), default="fp32", show_default=True,
               help="Compute dtype carried in the graph (fp16 graphs are strongly typed for TensorRT).")
 @click.option("--dense", is_flag=True, help="SOURCE is a dense model (HF directory, .gguf or smollm2-135m), not an artifact.")
 @click.option("--external-data", is_flag=True, help="Always write weights to model.onnx.data (automatic above ~1.5 GB).")
@@ -29,6 +31,10 @@ from ._common import echo_json_line, format_table, friendly_errors
               help="Quantized artifacts, ort target: accuracy_level of the int4 MatMulNBits nodes. 4 (default): "
                    "int8 activations per block, the fast CPU kernel; 0: float compute (weight-only, exact). See "
                    "docs/quantization.md.")
+@click.option("--plugin-domain", type=click.Choice(PLUGIN_DOMAINS), default=ONNX_DOMAIN, show_default=True,
+              help=f"trt target: ONNX domain of the RocketSparseVMatMul nodes. {ONNX_DOMAIN}: for TensorRT's own "
+                   f"parser (`rocket-deploy build`, trtexec); {ORT_TRT_PLUGIN_DOMAIN}: for ONNX Runtime's TensorRT "
+                   f"execution provider, which hands only that domain to plugins (see docs/export.md).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs torch comparison.")
 @click.option("--debug-metadata", is_flag=True,
               help="Keep the exporter's per-node metadata (Python stack traces, module paths: 4.6 MB for "
@@ -38,27 +44,34 @@ from ._common import echo_json_line, format_table, friendly_errors
 @click.option("--triton-name", default=None, help="Model name in the Triton repository (default: the --out folder name).")
 @click.option("--overwrite", is_flag=True, help="Replace --out (and the Triton model folder) if they exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
-def export(source, out, target, dtype, dense, external_data, merge, int8_compute, int4_accuracy_level, no_validate,
-           debug_metadata, triton_repo, triton_name, overwrite, as_json):
+@no_verify_option
+@trust_remote_code_option
+def export(source, out, target, dtype, dense, external_data, merge, int8_compute, int4_accuracy_level, plugin_domain,
+           no_validate, debug_metadata, triton_repo, triton_name, overwrite, as_json, no_verify, trust_remote_code):
     """Export SOURCE (a ROCKET artifact directory) to ONNX at --out/model.onnx and validate it against torch."""
-    if os.path.exists(out) and not overwrite:
-        raise click.ClickException(f"{out} already exists; choose another --out or pass --overwrite")
+    from ..safe_io import OutputError, check_output
+    try:        # before any work: --out (and the Triton folder) replaceable only when ours, parents writable
+        check_output(out, overwrite, "export", inputs=[source])
+        if triton_repo:
+            check_output(os.path.join(triton_repo, triton_name or os.path.basename(os.path.abspath(out))), overwrite,
+                         "triton", inputs=[source])
+    except OutputError as e:
+        raise click.ClickException(str(e)) from e
     with friendly_errors():
         from ..artifact import read_manifest
-        from ..export import export_artifact, export_model
-        from ..export.onnx_export import ExportError
+        from ..export import ExportError, export_artifact, export_model
         from ..export.validate import ValidationShapeError, format_report
         kw = dict(target=target, dtype=dtype, external_data=True if external_data else None, merge=merge,
                   validate=not no_validate, overwrite=overwrite, int8_compute=int8_compute,
-                  int4_accuracy_level=int4_accuracy_level, debug_metadata=debug_metadata)
+                  int4_accuracy_level=int4_accuracy_level, debug_metadata=debug_metadata, plugin_domain=plugin_domain)
         try:
             if dense:
                 from ..models import load_model
-                lm = load_model(source)
+                lm = load_model(source, trust_remote_code=trust_remote_code)
                 res = export_model(lm.model, out, tokenizer=lm.tokenizer, extra_info={"source": lm.source}, **kw)
             else:
                 read_manifest(source)           # "not an artifact" -> a click error naming the fix
-                res = export_artifact(source, out, **kw)
+                res = export_artifact(source, out, verify=not no_verify, trust_remote_code=trust_remote_code, **kw)
         except ValidationShapeError as e:
             raise click.ClickException(f"export validation: {e}") from e
         except ExportError as e:
@@ -72,6 +85,8 @@ def export(source, out, target, dtype, dense, external_data, merge, int8_compute
     if not as_json:
         rows = [["file", res.path], ["target", target], ["dtype", dtype], ["bytes", res.file_bytes],
                 ["rocket layers", res.stats["rocket_layers"]], ["seconds", res.seconds]]
+        if target == "trt":
+            rows.append(["plugin domain", res.stats["plugin_domain"]])
         if "lowering" in res.stats:
             lw = res.stats["lowering"]
             rows.append(["lowering", f"{lw['dense_v']} dense-V, {lw['sparse_v']} packed-V, {lw['merged']} merged"])
@@ -89,4 +104,7 @@ def export(source, out, target, dtype, dense, external_data, merge, int8_compute
     echo_json_line({"out": res.path, "target": target, "dtype": dtype, "bytes": res.file_bytes,
                     "validated": v is not None, "passed": None if v is None else v["passed"],
                     "max_rel": None if v is None else max(o["max_rel"] for s in v["steps"] for o in s["outputs"]),
-                    "quantization": res.stats.get("quantization"), "triton_model": model_dir, "seconds": res.seconds})
+                    "quantization": res.stats.get("quantization"), "plugin_domain": res.stats.get("plugin_domain"),
+                    "triton_model": model_dir, "seconds": res.seconds})
+    if v is not None and not v["passed"]:
+        raise click.exceptions.Exit(1)      # its own validation failed: a non-zero exit status for scripts / CI

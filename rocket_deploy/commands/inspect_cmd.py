@@ -1,6 +1,8 @@
 """``rocket-deploy inspect DIR``: per-layer table and an allocation plot (PNG)."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from ._common import echo_json_line, format_table, friendly_errors
@@ -17,6 +19,8 @@ def inspect_(artifact, plot_path, as_json):
         from ..artifact import read_manifest
         from ..report import allocation_plot, layer_rows
         m = read_manifest(artifact)
+        from ..manifest import check_report_fields
+        check_report_fields(m, os.path.join(artifact, "rocket.json"))
     headers, rows = layer_rows(m)
     b = m["budget"]
     if not as_json:

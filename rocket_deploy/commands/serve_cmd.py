@@ -5,6 +5,9 @@ import os
 
 import click
 
+from ._options import no_verify_option, trust_remote_code_option
+
+
 @click.command("serve")
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -24,18 +27,29 @@ import click
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True,
               help="Larger request bodies are answered 413.")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
-              help="On SIGINT/SIGTERM, seconds in-flight requests may take to finish.")
+              help="On SIGINT/SIGTERM, seconds in-flight requests may take to finish (then: 503).")
+@click.option("--header-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a client may take to send a request's headers (then: 408, connection closed).")
+@click.option("--body-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a client may take to send a request's body (then: 408).")
+@click.option("--api-key", envvar="ROCKET_API_KEY", show_envvar=True, default=None,
+              help="Require 'Authorization: Bearer <key>' on every endpoint but /health (401 otherwise). "
+                   "Prefer the environment variable: a flag shows in the process list.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
+@no_verify_option
+@trust_remote_code_option
 def serve(path, host, port, model_name, max_prompt_tokens, max_new_tokens, max_concurrent, max_queue,
-          request_timeout, max_body_bytes, shutdown_timeout, log_level):
+          request_timeout, max_body_bytes, shutdown_timeout, header_timeout, body_timeout, api_key, log_level,
+          no_verify, trust_remote_code):
     """OpenAI-compatible HTTP server over a model.
 
     PATH is an artifact directory (from `rocket-deploy compress`), a .onnx file (from `rocket-deploy export`)
     or a TensorRT .plan/.engine file (from `rocket-deploy build`).
 
     Endpoints: POST /v1/completions, POST /v1/chat/completions (stream=true for SSE), GET /v1/models,
-    GET /health, GET /metrics. Stop with Ctrl-C or SIGTERM (in-flight requests finish first)."""
+    GET /health, GET /metrics. Stop with Ctrl-C or SIGTERM (in-flight requests finish first). Binding an
+    address other than loopback without --api-key prints a warning."""
     if not os.path.exists(path):
         raise click.BadParameter(
             f"{path!r} does not exist. Pass an artifact directory (create one with `rocket-deploy compress`), "
@@ -50,16 +64,18 @@ def serve(path, host, port, model_name, max_prompt_tokens, max_new_tokens, max_c
         settings = ServerSettings(model_name=name, max_prompt_tokens=max_prompt_tokens,
                                   max_new_tokens=max_new_tokens, max_concurrent=max_concurrent,
                                   max_queue=max_queue, request_timeout_s=request_timeout,
-                                  max_body_bytes=max_body_bytes, shutdown_timeout_s=shutdown_timeout)
+                                  max_body_bytes=max_body_bytes, shutdown_timeout_s=shutdown_timeout,
+                                  header_timeout_s=header_timeout, body_timeout_s=body_timeout, api_key=api_key)
     except ValueError as e:
         opt = str(e).split(" ", 1)[0]
-        flag = {"request_timeout_s": "--request-timeout", "shutdown_timeout_s": "--shutdown-timeout"}.get(
+        flag = {"request_timeout_s": "--request-timeout", "shutdown_timeout_s": "--shutdown-timeout",
+                "header_timeout_s": "--header-timeout", "body_timeout_s": "--body-timeout"}.get(
             opt, "--" + opt.replace("_", "-"))
         raise click.BadParameter(str(e), param_hint=f"'{flag}'")
 
     from rocket_deploy.runtime.engine import open_engine
     try:
-        engine = open_engine(path)
+        engine = open_engine(path, verify=not no_verify, trust_remote_code=trust_remote_code)   # artifacts only
     except FileNotFoundError as e:
         raise click.BadParameter(f"{e}. Pass an artifact directory, a .onnx file or a .plan file.",
                                  param_hint="PATH")

@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import click
 
+from ..config import METHODS
 from ._common import echo_json_line, format_table, friendly_errors
-from .compress_cmd import _floats, build_configs, calibration_options
+from ._options import build_configs, calibration_options, float_list
 
 
 @click.command("sweep")
 @click.argument("model", default="smollm2-135m", required=False)
-@click.option("--budgets", callback=_floats, default="0.2,0.3,0.4,0.5", show_default=True,
+@click.option("--budgets", callback=float_list, default="0.2,0.3,0.4,0.5", show_default=True,
               help="Comma-separated budgets (fractions of targeted bytes to remove).")
 @click.option("--out", "out", default="sweep-out", show_default=True, type=click.Path(file_okay=False),
               help="Directory for artifacts, ONNX exports, results.json and sweep.png.")
 @click.option("--backend", type=click.Choice(["ort", "torch"]), default="ort", show_default=True,
               help="Runtime that measures decode speed (ort: the exported fp32 ONNX files).")
-@click.option("--method", type=click.Choice(["rocket", "rocket-uniform", "svd-llm"]), default="rocket", show_default=True)
+@click.option("--method", type=click.Choice([m for m in METHODS if m != "dense-quant"]), default="rocket", show_default=True)
 @click.option("--prompt-len", type=click.IntRange(1), default=64, show_default=True, help="Prompt tokens of the speed runs.")
 @click.option("--gen-len", type=click.IntRange(2), default=32, show_default=True, help="Generated tokens per speed run.")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed generations per model (interleaved).")
@@ -31,7 +32,7 @@ def sweep(model, budgets, out, backend, method, prompt_len, gen_len, runs, threa
     with friendly_errors():
         config, cal = build_configs(budgets[0], method, calib, calib_samples, seq_len, eval_samples, seed, targets,
                                     exclude, byte_fractions, keep_ratios, objective)
-        from ..export.sweep import run_sweep
+        from ..workflows.sweep import run_sweep
         res = run_sweep(model, budgets, out, config=config, calibration=cal, backend=backend, prompt_len=prompt_len,
                         gen_len=gen_len, runs=runs, threads=threads, profile_dir=profile_dir,
                         progress=None if quiet or as_json else (lambda m: click.echo(f"[sweep] {m}", err=True)),

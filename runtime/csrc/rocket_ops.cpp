@@ -37,6 +37,13 @@ int32_t valueTypeOf(torch::ScalarType values, torch::ScalarType act)
     return -1;
 }
 
+//! The launcher's one-time notes (prefill fell back to the decode kernel: workspace, no tensor cores) -> Python
+//! warnings. Called from inside sparse_v_matmul, i.e. on the calling Python thread.
+void kernelLog(int /*severity*/, char const* msg, void* /*user*/)
+{
+    TORCH_WARN("rocket sparse V kernel: ", msg);
+}
+
 } // namespace
 
 // y[..., d_out] = t[..., rank] @ V, V packed as (values [d_out, keep], mask uint8 [d_out, ceil(rank/8)]).
@@ -125,6 +132,7 @@ int64_t workspace_size(int64_t rows, int64_t rank, int64_t keep, int64_t outFeat
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
 {
     m.doc() = "ROCKET sparse V product (packed bitmask + values) on CUDA";
+    rocketSparseVSetLogger(&kernelLog, nullptr);
     m.def("sparse_v_matmul", &sparse_v_matmul, "y = t @ V from the packed V", py::arg("t"), py::arg("values"),
         py::arg("mask"), py::arg("rank"), py::arg("scales") = py::none(), py::arg("path") = 0);
     m.def("workspace_size", &workspace_size, "bytes of workspace for a shape", py::arg("rows"), py::arg("rank"),

@@ -62,9 +62,13 @@ def test_export_decoder_fp32(artifacts, arch, target, tmp_path):
     assert ins == DECODER_INPUTS + [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
     assert [o.name for o in m.graph.output] == ["logits"] + [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
     byname = {i.name: i for i in m.graph.input}
-    ids, past = _dims(byname["input_ids"]), _dims(byname["past_key_values.0.key"])
-    assert all(isinstance(d, str) for d in ids)                        # dynamic batch and sequence
-    assert isinstance(past[0], str) and isinstance(past[2], str) and past[1] == 2 and past[3] == 16
+    # dynamic axes named as Optimum names them; kv_heads and head_dim static
+    assert _dims(byname["input_ids"]) == _dims(byname["position_ids"]) == ["batch_size", "sequence_length"]
+    assert _dims(byname["attention_mask"]) == ["batch_size", "total_sequence_length"]
+    assert _dims(byname["past_key_values.0.key"]) == ["batch_size", 2, "past_sequence_length", 16]
+    outs = {o.name: o for o in m.graph.output}
+    assert _dims(outs["logits"]) == ["batch_size", "sequence_length", 512]
+    assert _dims(outs["present.1.value"]) == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
     rocket = [nd for nd in m.graph.node if nd.domain == "rocket"]
     if target == "trt":
         assert len(rocket) == 14 and res.stats["rocket_nodes"] == 14
@@ -112,6 +116,75 @@ def test_trt_node_contract(artifacts, tmp_path):
     assert onnx.defs.get_schema("RocketSparseVMatMul", 1, "rocket").domain == "rocket"
 
 
+@pytest.mark.parametrize("domain", ["rocket", "trt.plugins"])
+def test_strict_shape_inference_without_value_info(artifacts, domain, tmp_path):
+    """The plugin op's schema infers y = t's shape with the last dim out_features (dtype of t): with value_info
+    cleared, strict shape inference of the trt graph (either plugin domain) rebuilds every shape downstream."""
+    from rocket_deploy.export.schema import register_rocket_schema
+    res = export_artifact(artifacts["qwen2"], str(tmp_path / "o"), target="trt", validate=False, plugin_domain=domain)
+    m = onnx.load(res.path)
+    register_rocket_schema()
+    del m.graph.value_info[:]
+    want = {o.name: _dims(o) for o in m.graph.output}
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    inf = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True)
+    shapes = {v.name: v for v in inf.graph.value_info}
+    nodes = [nd for nd in inf.graph.node if nd.op_type == "RocketSparseVMatMul"]
+    assert nodes and all(nd.domain == domain for nd in nodes)
+    for nd in nodes:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in nd.attribute}
+        t, y = shapes[nd.input[0]], shapes[nd.output[0]]
+        assert _dims(y)[:-1] == _dims(t)[:-1] and _dims(y)[-1] == a["out_features"] and _dims(t)[-1] == a["rank"]
+        assert y.type.tensor_type.elem_type == t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    got = {o.name: _dims(o) for o in inf.graph.output}
+    assert got["logits"][-1] == want["logits"][-1] == 512 and len(got["logits"]) == 3
+    assert got["present.0.key"][1:2] == [2] and got["present.0.key"][3] == 16
+    # a node whose t does not have `rank` columns is an inference error, not a silently wrong shape
+    bad = nodes[0]
+    for x in bad.attribute:
+        if x.name == "rank":
+            x.i += 1
+    with pytest.raises(onnx.shape_inference.InferenceError, match="rank"):
+        onnx.shape_inference.infer_shapes(inf, check_type=True, strict_mode=True)
+
+
+def test_trt_plugin_domain_for_ort_tensorrt_ep(artifacts, tmp_path):
+    """--plugin-domain trt.plugins: the plugin nodes (and only they) move into the domain ORT's TensorRT EP maps to
+    plugins; the graph is still checked and validated, and the domain is recorded."""
+    res = export_artifact(artifacts["llama"], str(tmp_path / "o"), target="trt", plugin_domain="trt.plugins")
+    assert res.validation["passed"] and res.stats["plugin_domain"] == "trt.plugins"
+    m = onnx.load(res.path)
+    opsets = {o.domain: o.version for o in m.opset_import}
+    assert opsets.get("trt.plugins") == 1 and "rocket" not in opsets
+    plug = [nd for nd in m.graph.node if nd.op_type == "RocketSparseVMatMul"]
+    assert len(plug) == res.stats["rocket_nodes"] == 14 and {nd.domain for nd in plug} == {"trt.plugins"}
+    assert not [nd for nd in m.graph.node if nd.domain == "trt.plugins" and nd.op_type != "RocketSparseVMatMul"]
+    assert {p.key: p.value for p in m.metadata_props}["rocket.plugin_domain"] == "trt.plugins"
+    info = json.load(open(os.path.join(os.path.dirname(res.path), "export.json")))
+    assert info["plugin_domain"] == "trt.plugins"
+    default = export_artifact(artifacts["llama"], str(tmp_path / "d"), target="trt", validate=False)
+    assert {nd.domain for nd in onnx.load(default.path).graph.node if nd.op_type == "RocketSparseVMatMul"} == {"rocket"}
+    from rocket_deploy.export import ExportError
+    with pytest.raises(ExportError, match="--target trt only"):
+        export_artifact(artifacts["llama"], str(tmp_path / "x"), target="ort", plugin_domain="trt.plugins")
+    with pytest.raises(ExportError, match="plugin domain"):
+        export_artifact(artifacts["llama"], str(tmp_path / "x"), target="trt", plugin_domain="custom")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_encoder_without_token_type_ids(tmp_path):
+    """An encoder whose forward takes no token_type_ids (DistilBERT) is exported with input_ids / attention_mask."""
+    import transformers as tf
+    torch.manual_seed(0)
+    cfg = tf.DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=1, n_heads=2, max_position_embeddings=64)
+    model = tf.DistilBertModel(cfg).eval()
+    res = export_model(model, str(tmp_path / "o"))
+    assert res.validation["passed"] and res.input_names == ["input_ids", "attention_mask"]
+    m = onnx.load(res.path)
+    assert [i.name for i in m.graph.input if i.name not in _inits(m)] == ["input_ids", "attention_mask"]
+
+
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_export_fp16(artifacts, target, tmp_path):
     res = export_artifact(artifacts["llama"], str(tmp_path / "o"), target=target, dtype="fp16")
@@ -127,10 +200,15 @@ def test_export_fp16(artifacts, target, tmp_path):
 
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_export_bert(artifacts, target, tmp_path):
+    """BERT takes token_type_ids: the graph does too (Optimum's encoder inputs), and validation feeds random
+    segment ids to both sides, so the token-type embedding is checked."""
     res = export_artifact(artifacts["bert"], str(tmp_path / "o"), target=target)
     assert res.validation["passed"] and not res.is_decoder
     m = onnx.load(res.path)
-    assert [i.name for i in m.graph.input if i.name not in _inits(m)] == ["input_ids", "attention_mask"]
+    ins = [i for i in m.graph.input if i.name not in _inits(m)]
+    assert [i.name for i in ins] == ["input_ids", "attention_mask", "token_type_ids"] == res.input_names
+    assert all(_dims(i) == ["batch_size", "sequence_length"] for i in ins)
+    assert any("token_type_ids" in nd.input for nd in m.graph.node)
     assert [o.name for o in m.graph.output] == ["last_hidden_state"]
     assert sum(nd.op_type == "RocketSparseVMatMul" for nd in m.graph.node) == (12 if target == "trt" else 0)
 
@@ -306,7 +384,7 @@ def test_torch_side_uses_current_cache_api(artifacts, tmp_path, monkeypatch):
     import logging
 
     from rocket_deploy.artifact import load_artifact
-    from rocket_deploy.export.onnx_export import DecoderWrapper, example_inputs
+    from rocket_deploy.export.graph_io import DecoderWrapper, example_inputs
     res = export_artifact(artifacts["llama"], str(tmp_path / "o"), target="ort", validate=False)
     assert "past_key_values.0.key" in res.input_names
     model = load_artifact(artifacts["llama"])[0]
@@ -332,6 +410,16 @@ def last_json(r):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _config(repo, name):
+    """config.pbtxt parsed back as a ModelConfig message (text format: any unparsable or unknown field raises)."""
+    from rocket_deploy.export.triton import parse_config
+    return parse_config(open(os.path.join(repo, name, "config.pbtxt")).read())
+
+
+def _dtype(tensor):
+    return tensor.DESCRIPTOR.fields_by_name["data_type"].enum_type.values_by_number[tensor.data_type].name
+
+
 def test_cli_export_and_triton(artifacts, tmp_path):
     out, repo = str(tmp_path / "onnx"), str(tmp_path / "triton")
     r = run(["export", artifacts["llama"], "--out", out, "--triton-repo", repo, "--triton-name", "smol"])
@@ -341,12 +429,16 @@ def test_cli_export_and_triton(artifacts, tmp_path):
     assert j["passed"] and j["target"] == "ort" and j["bytes"] > 0 and j["max_rel"] < 1e-4
     for f in ("model.onnx", "export.json", "tokenizer.json", "config.json"):
         assert os.path.isfile(os.path.join(out, f)), f
-    cfg = open(os.path.join(repo, "smol", "config.pbtxt")).read()
-    assert 'name: "smol"' in cfg and 'backend: "onnxruntime"' in cfg and "max_batch_size: 0" in cfg
-    assert "dynamic_batching" not in cfg                              # KV-cache models: off
-    assert 'name: "past_key_values.1.value"' in cfg and "dims: [ -1, 2, -1, 16 ]" in cfg
-    assert 'name: "logits"' in cfg and "dims: [ -1, -1, 512 ]" in cfg and "TYPE_FP32" in cfg
-    assert "instance_group" in cfg
+    cfg = _config(repo, "smol")
+    assert cfg.name == "smol" and cfg.backend == "onnxruntime" and not cfg.platform and cfg.max_batch_size == 0
+    text = open(os.path.join(repo, "smol", "config.pbtxt")).read()
+    assert "max_batch_size: 0" in text                                 # written, not left to the default
+    assert not cfg.HasField("dynamic_batching")                         # KV-cache models: off
+    io = {t.name: t for t in [*cfg.input, *cfg.output]}
+    assert list(io["past_key_values.1.value"].dims) == [-1, 2, -1, 16]
+    assert list(io["logits"].dims) == [-1, -1, 512] and _dtype(io["logits"]) == "TYPE_FP32"
+    assert _dtype(io["input_ids"]) == "TYPE_INT64"
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, 0)]     # KIND_AUTO
     assert os.path.isfile(os.path.join(repo, "smol", "1", "model.onnx"))
     # exists without --overwrite: error naming the fix; with it: fine
     r = run(["export", artifacts["llama"], "--out", out])
@@ -356,8 +448,10 @@ def test_cli_export_and_triton(artifacts, tmp_path):
     assert r.exit_code == 0, r.output
     j = last_json(r)
     assert j["target"] == "trt" and j["dtype"] == "fp16" and j["passed"]
-    cfg = open(os.path.join(repo, "smol", "config.pbtxt")).read()
-    assert 'platform: "tensorrt_plan"' in cfg and "TYPE_FP16" in cfg
+    cfg = _config(repo, "smol")
+    assert cfg.platform == "tensorrt_plan" and not cfg.backend
+    assert _dtype(next(o for o in cfg.output if o.name == "logits")) == "TYPE_FP16"
+    assert "librocket_trt_plugins.so" in cfg.parameters["plugin"].string_value
     assert os.path.isfile(os.path.join(repo, "smol", "1", "BUILD_PLAN.txt"))
 
 
@@ -365,8 +459,10 @@ def test_cli_encoder_triton_has_dynamic_batching(artifacts, tmp_path):
     repo = str(tmp_path / "triton")
     r = run(["export", artifacts["bert"], "--out", str(tmp_path / "b"), "--triton-repo", repo, "--json"])
     assert r.exit_code == 0, r.output
-    cfg = open(os.path.join(repo, "b", "config.pbtxt")).read()
-    assert "max_batch_size: 8" in cfg and "dynamic_batching" in cfg and "dims: [ -1, 64 ]" in cfg
+    cfg = _config(repo, "b")
+    assert cfg.max_batch_size == 8 and cfg.HasField("dynamic_batching")
+    assert [list(t.dims) for t in cfg.input] == [[-1]] * 3                  # batch axis left out
+    assert list(cfg.output[0].dims) == [-1, 64]
 
 
 def test_cli_export_errors(tmp_path, tiny_llama_dir, artifacts):
@@ -378,6 +474,20 @@ def test_cli_export_errors(tmp_path, tiny_llama_dir, artifacts):
     assert r.exit_code == 2 and "--target" in r.output and "'ort'" in r.output
     r = run(["export", artifacts["llama"], "--out", str(tmp_path / "x"), "--dtype", "bf16"])
     assert r.exit_code == 2 and "--dtype" in r.output
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_plugin_domain(artifacts, tmp_path):
+    r = run(["export", artifacts["llama"], "--out", str(tmp_path / "p"), "--target", "trt", "--plugin-domain",
+             "trt.plugins", "--no-validate", "--json"])
+    assert r.exit_code == 0, r.output
+    assert last_json(r)["plugin_domain"] == "trt.plugins"
+    m = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    assert {nd.domain for nd in m.graph.node if nd.op_type == "RocketSparseVMatMul"} == {"trt.plugins"}
+    r = run(["export", artifacts["llama"], "--out", str(tmp_path / "x"), "--plugin-domain", "trt.plugins"])
+    assert r.exit_code == 1 and "--target trt only" in r.output and "Traceback" not in r.output
+    r = run(["export", artifacts["llama"], "--out", str(tmp_path / "x"), "--target", "trt", "--plugin-domain", "x"])
+    assert r.exit_code == 2 and "--plugin-domain" in r.output
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -58,7 +58,7 @@ def _attrs(node):
 
 
 def _check(m):
-    from rocket_deploy.export.quantized_ops import register_matmul_nbits_schema
+    from rocket_deploy.export.quant_ops import register_matmul_nbits_schema
     from rocket_deploy.export.schema import register_rocket_schema
     register_rocket_schema()
     register_matmul_nbits_schema()
@@ -258,7 +258,7 @@ def test_trt_int4_rewrite_is_exact():
     """The TensorRT form of an asymmetric int4 weight (symmetric INT4 DQ + zero-point correction) == MatMulNBits'
     dequantized weight, for K not a multiple of the block."""
     from rocket_deploy.compress.quantize import dequant_int4, quantize_int4
-    from rocket_deploy.export.quantized_ops import int4_trt_tensors
+    from rocket_deploy.export.trt_graph import int4_trt_tensors
     w = torch.randn(200, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     packed, scales, zeros, _ = quantize_int4(w, 64, ratios=(1.0,))
     w4, s, zs, g = int4_trt_tensors(packed.numpy(), scales.numpy(), zeros.numpy(), 200, 64)
@@ -266,6 +266,29 @@ def test_trt_int4_rewrite_is_exact():
     rebuilt = w4 * np.repeat(s, 64, axis=0)[:200] + g @ zs
     ref = dequant_int4(packed, scales, zeros, 200, torch.float64).numpy()
     np.testing.assert_allclose(rebuilt, ref, rtol=0, atol=1e-6)
+
+
+def test_strict_shape_inference_without_value_info(qart, tmp_path):
+    """The int4 graphs' custom ops (ort: com.microsoft.MatMulNBits; trt: RocketSparseVMatMul with quantized V) carry
+    shape-inference functions: with every value_info cleared, strict inference rebuilds the output shapes."""
+    for target in ("ort", "trt"):
+        res = export_artifact(qart["int4"], str(tmp_path / target), target=target, validate=False)
+        m = onnx.load(res.path)
+        _check(m)
+        want = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
+        del m.graph.value_info[:]
+        for o in m.graph.output:
+            o.type.tensor_type.ClearField("shape")
+        inf = onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True)
+        got = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in inf.graph.output}
+        assert got["logits"][-1] == 512 and len(got["logits"]) == 3, (target, got["logits"])
+        custom = [nd for nd in inf.graph.node if nd.op_type in ("MatMulNBits", "RocketSparseVMatMul")]
+        shapes = {v.name: v.type.tensor_type for v in inf.graph.value_info}
+        assert custom and all(nd.output[0] in shapes for nd in custom)
+        for nd in custom:
+            a = _attrs(nd)
+            assert shapes[nd.output[0]].shape.dim[-1].dim_value == a.get("N", a.get("out_features"))
+        assert want["logits"][-1] == got["logits"][-1]
 
 
 def test_fp16_exports(qart, tmp_path):

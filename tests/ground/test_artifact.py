@@ -96,9 +96,16 @@ def test_existing_output_needs_overwrite(setup, tiny_tok, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
         compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False, out=str(out))
-    compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False, out=str(out),
-             overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "rocket.json").exists()
+    # --overwrite replaces only an artifact (or an empty folder): a folder of other files is kept (issue 12)
+    with pytest.raises(FileExistsError, match="not a rocket-deploy artifact"):
+        compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False,
+                 out=str(out), overwrite=True)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    for _ in range(2):
+        compress(model, tiny_tok, RocketConfig(budget=0.3), CAL, data=data, profile=prof, progress=False,
+                 out=str(out), overwrite=True)
+    assert (out / "rocket.json").exists() and os.listdir(tmp_path) == ["e"]
 
 
 def test_bad_artifacts(tmp_path):

@@ -3,7 +3,9 @@
 No GPU and no TensorRT libraries are needed: the headers come from plugins_trt/fetch_trt_headers.sh (the kernel-lens
 wheel, downloaded, never installed). Skipped only when nvcc or cmake are missing (or the headers cannot be fetched,
 e.g. offline); a compile or test failure FAILS. The test build compiles one CUDA architecture to stay fast on small
-CI machines (ROCKET_TEST_CUDA_ARCHS overrides it); real builds use the default list 80;87;89;90.
+CI machines (ROCKET_TEST_CUDA_ARCHS overrides it); real builds use the default list 75;80;87;89;90 (+72 with nvcc < 13).
+The host test also checks registration: nothing at load time (static registration is opt-in), explicit
+initRocketTrtPlugins, and the hand-over to getCreators (through a fake registry the test executable exports).
 """
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ def test_plugin_exports_entry_points_and_no_hard_tensorrt_dependency(plugin_buil
     if nm is None:
         pytest.skip("nm not available")
     defined = _run([nm, "-D", "--defined-only", str(lib)]).stdout
-    for sym in ("getCreators", "getPluginCreators", "setLoggerFinder", "rocketSparseVMatMul",
-                "rocketSparseVWorkspaceSize"):
+    for sym in ("getCreators", "getPluginCreators", "setLoggerFinder", "initRocketTrtPlugins", "rocketSparseVMatMul",
+                "rocketSparseVWorkspaceSize", "rocketSparseVSetLogger"):
         assert f" T {sym}" in defined, f"{sym} is not exported"
     undefined = _run([nm, "-D", "--undefined-only", str(lib)]).stdout
     # The registry is looked up at run time: loading never fails for a missing libnvinfer symbol.
@@ -82,6 +84,6 @@ def test_host_test_passes(plugin_build):
     build, _ = plugin_build
     exe = build / "rocket_plugin_host_test"
     assert exe.is_file()
-    res = _run([str(exe)], timeout=120, env={**os.environ, "ROCKET_TRT_NO_STATIC_REGISTRATION": "1"})
+    res = _run([str(exe)], timeout=120)
     assert res.returncode == 0, f"host test failed:\n{res.stdout[-5000:]}\n{res.stderr[-5000:]}"
     assert "ALL PASSED" in res.stdout

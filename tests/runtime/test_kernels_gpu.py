@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from rocket_deploy.sparse_format import full_mask, pack_v, unpack_v
+from rocket_deploy.sparse_format import full_mask, pack_v, unpack_bits, unpack_v
 
 pytestmark = pytest.mark.gpu
 
@@ -132,16 +132,37 @@ def test_leading_dims_and_noncontiguous(ext):
     assert ext.sparse_v_matmul(t[:0], values, mask, rank).shape == (0, 5, d_out)
 
 
-def test_unkept_inf_does_not_leak(ext):
-    """A non-finite activation at a basis row that a column does not keep must not reach that column."""
-    rank, d_out = 64, 8
-    keep_mask = torch.zeros(rank, d_out, dtype=torch.bool)
-    keep_mask[:32] = True
-    values, mask = pack_v(torch.randn(rank, d_out), keep_mask)
-    t = torch.randn(2, rank)
-    t[:, 40] = float("inf")
-    y = ext.sparse_v_matmul(t.cuda(), values.cuda(), mask.cuda(), rank, None, 1)
-    assert torch.isfinite(y).all()
+@pytest.mark.parametrize("path", [1, 2], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("frac", [0.5, 1.0])
+def test_one_nonfinite_policy_on_both_paths(ext, path, dtype, frac):
+    """inf / nan in t at a basis row a column does not keep never reaches that column; at a kept row it propagates
+    as IEEE arithmetic says. Same answer on the decode kernel and on the prefill GEMM (which recomputes the rows
+    holding inf / nan with the decode kernel)."""
+    _skip_unsupported(dtype)
+    rank, d_out, rows = 96, 70, 40
+    keep = max(1, round(rank * frac))
+    values, mask, _, dense = make_layer(rank, keep, d_out, dtype, seed=11)
+    t = torch.randn(rows, rank, device="cuda").to(dtype)
+    t[0, 5] = float("inf")
+    t[7, 40] = float("-inf")
+    t[7, 41] = float("inf")
+    t[20, 60] = float("nan")
+    t[39, :] = float("inf")
+    got = ext.sparse_v_matmul(t, values, mask, rank, None, path).double()
+    kept = unpack_bits(mask.cpu(), rank).t().to("cuda")  # [rank, d_out]: row i kept by column j
+    td = t.double()
+    # Reference that sums only kept rows (the product with an unkept zero is skipped, not inf * 0).
+    terms = td[:, :, None] * dense[None, :, :]
+    ref = torch.where(kept[None], terms, torch.zeros((), dtype=torch.float64, device="cuda")).sum(dim=1)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.equal(torch.isposinf(got), torch.isposinf(ref)) and torch.equal(torch.isneginf(got), torch.isneginf(ref))
+    finite = torch.isfinite(ref)
+    if frac < 1.0:
+        assert finite[0].any() and (~finite[0]).any(), "row 0 must have columns that keep row 5 and ones that do not"
+    rtol, atol = TOL[dtype]
+    scale = ref[finite].abs().max().item()
+    assert ((got - ref).abs()[finite] <= rtol * ref.abs()[finite] + atol * scale).all()
 
 
 def test_argument_errors(ext):

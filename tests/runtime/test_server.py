@@ -1,18 +1,8 @@
 """The OpenAI-compatible server: a real uvicorn server on 127.0.0.1 (ephemeral port) over a tiny random Llama,
-spoken to with httpx. Every wait is bounded."""
+spoken to with httpx. Every wait is bounded. Concurrency and shutdown: test_server_concurrency.py; faults
+(disconnects, timeouts, context, signals, API key, request ids): test_server_faults.py; detokenisation:
+test_server_detok.py."""
 from __future__ import annotations
-
-import contextlib
-import json
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -21,81 +11,16 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from rocket_deploy.runtime.engine import Engine, SamplingParams, sample_next  # noqa: E402
-from rocket_deploy.runtime.server import ServerSettings, TextGeneration, make_server  # noqa: E402
+from _server_fixtures import (CHAT, LIMITS, MODEL, EncoderEngine, assert_error, metric, running,  # noqa: E402
+                              sse, tiny_engine)
 
-MODEL = "tiny"
-LIMITS = dict(max_prompt_tokens=48, max_new_tokens=32, max_body_bytes=8192)
-CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about lists."}]
+from rocket_deploy.runtime.engine import SamplingParams, sample_next  # noqa: E402
+from rocket_deploy.runtime.server import ServerSettings, TextGeneration  # noqa: E402
 
 
-# ------------------------------------------------------------------------------------------------ helpers
 @pytest.fixture(scope="module")
 def engine():
-    from rocket_deploy.runtime.torch_backend import TorchEngine
-    from rocket_deploy.testing import tiny_llama, tiny_tokenizer
-    return TorchEngine(tiny_llama(), tiny_tokenizer(), device="cpu")
-
-
-class SlowEngine(Engine):
-    """Wraps an engine: sleeps ``delay`` per forward (``prefill_delay`` on the first call of a sequence) and
-    counts forwards, to make concurrency, disconnects and shutdown observable."""
-
-    backend = "slow"
-
-    def __init__(self, inner: Engine, delay: float = 0.0, prefill_delay: float | None = None):
-        self.inner, self.delay = inner, delay
-        self.prefill_delay = delay if prefill_delay is None else prefill_delay
-        self.tokenizer = inner.tokenizer
-        self.is_decoder = True
-        self.calls = 0
-
-    def forward(self, input_ids, attention_mask, past):
-        self.calls += 1
-        time.sleep(self.prefill_delay if past is None else self.delay)
-        return self.inner.forward(input_ids, attention_mask, past)
-
-
-class EncoderEngine(Engine):
-    backend = "stub-encoder"
-    is_decoder = False
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def forward(self, input_ids, attention_mask, past):
-        return np.zeros((*input_ids.shape, 8), np.float32), None
-
-
-class Running:
-    def __init__(self, server, url, thread):
-        self.server, self.url, self.thread = server, url, thread
-
-    def client(self, timeout: float = 20.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
-
-
-@contextlib.contextmanager
-def running(engine: Engine, **settings):
-    s = ServerSettings(**{"model_name": MODEL, **LIMITS, **settings})
-    server = make_server(engine, "127.0.0.1", 0, s, log_level="warning")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    th.start()
-    t_end = time.monotonic() + 20
-    while not server.started:
-        assert th.is_alive() and time.monotonic() < t_end, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield Running(server, f"http://127.0.0.1:{port}", th)
-    finally:
-        server.should_exit = True
-        th.join(timeout=15)
-        sock.close()
-        assert not th.is_alive(), "server thread did not stop"
+    return tiny_engine()
 
 
 @pytest.fixture(scope="module")
@@ -108,36 +33,6 @@ def srv(engine):
 def client(srv):
     with srv.client() as c:
         yield c
-
-
-def sse(resp) -> list:
-    """Parse an SSE body into JSON payloads; the literal [DONE] stays a string."""
-    assert resp.headers["content-type"].startswith("text/event-stream")
-    out = []
-    for line in resp.iter_lines():
-        if not line:
-            continue
-        assert line.startswith("data: "), line
-        data = line[len("data: "):]
-        out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    pat = re.escape(name) + (re.escape("{" + labels + "}") if labels else "") + r" ([0-9.e+-]+)$"
-    m = re.search(pat, text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def assert_error(r, status: int, param: str | None = None, code: str | None = None):
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 # ------------------------------------------------------------------------------------------------ basics
@@ -322,7 +217,8 @@ def test_invalid_requests(client, path, body, status, param):
 def test_malformed_json_and_content_type(client):
     r = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
     assert_error(r, 400, code="invalid_json")
-    r = client.post("/v1/completions", content=b"prompt=hi", headers={"content-type": "application/x-www-form-urlencoded"})
+    r = client.post("/v1/completions", content=b"prompt=hi",
+                    headers={"content-type": "application/x-www-form-urlencoded"})
     assert_error(r, 415)
     r = client.post("/v1/completions", content=b"", headers={"content-type": "application/json"})
     assert_error(r, 400, code="invalid_json")
@@ -379,201 +275,6 @@ def test_encoder_engine_answers_400(engine):
         assert "encoder" in err["message"]
         assert_error(c.post("/v1/chat/completions", json={"messages": CHAT}), 400, code="model_not_generative")
         assert c.get("/health").json()["is_decoder"] is False
-
-
-# ------------------------------------------------------------------------------------------------ concurrency
-def _fire(url: str, n: int, body: dict, path: str = "/v1/completions") -> list:
-    barrier = threading.Barrier(n)
-    results: list = [None] * n
-
-    def one(i):
-        with httpx.Client(base_url=url, timeout=30) as c:
-            barrier.wait(timeout=10)
-            results[i] = c.post(path, json=body)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=40)
-    assert all(not t.is_alive() for t in threads)
-    return results
-
-
-def test_concurrency_limit_rejects_with_retry_after(engine):
-    slow = SlowEngine(engine, delay=0.03)
-    with running(slow, max_concurrent=1, max_queue=1) as r:
-        res = _fire(r.url, 6, {"prompt": "Hello", "max_tokens": 8, "temperature": 0})
-        codes = [x.status_code for x in res]
-        assert set(codes) <= {200, 429, 503}, codes
-        assert codes.count(200) >= 2 and codes.count(429) >= 1, codes
-        for x in res:
-            if x.status_code == 429:
-                assert x.headers["retry-after"] == "1"
-                assert x.json()["error"]["type"] == "rate_limit_error"
-            if x.status_code == 200:
-                assert x.json()["usage"]["completion_tokens"] == 8
-        with r.client() as c:
-            h = c.get("/health").json()
-            assert h["status"] == "ok" and h["in_flight"] == 0 and h["waiting"] == 0
-            m = c.get("/metrics").text
-            assert metric(m, "rocket_queue_rejections_total", 'reason="queue_full"') == codes.count(429)
-            assert metric(m, "rocket_requests_total", 'endpoint="/v1/completions",status="429"') == codes.count(429)
-            assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
-
-
-def test_queue_timeout_503_and_generation_timeout_504(engine):
-    slow = SlowEngine(engine, delay=0.0, prefill_delay=1.0)
-    with running(slow, max_concurrent=1, max_queue=4, request_timeout_s=0.4) as r:
-        out = {}
-
-        def first():
-            with r.client() as c:
-                out["a"] = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0})
-        t = threading.Thread(target=first)
-        t.start()
-        time.sleep(0.15)                           # A is in its (1 s) prefill
-        with r.client() as c:
-            t0 = time.monotonic()
-            b = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0})
-            assert time.monotonic() - t0 < 2.0
-        t.join(timeout=10)
-        assert_error(b, 503, code="queue_timeout")
-        assert b.headers["retry-after"] == "1"
-        assert_error(out["a"], 504, code="timeout")
-        with r.client() as c:
-            assert c.get("/health").json()["in_flight"] == 0
-
-
-def test_interleaved_streams_match_serial(engine):
-    """Two concurrent requests interleave token by token on the single engine thread; each still gets exactly
-    its own (seeded) output."""
-    slow = SlowEngine(engine, delay=0.005)
-    bodies = [{"prompt": "Sort the", "max_tokens": 12, "temperature": 0.8, "seed": s} for s in (11, 12)]
-    with running(slow, max_concurrent=2, max_queue=2) as r:
-        with r.client() as c:
-            serial = [c.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
-        res = {}
-
-        def go(i):
-            with r.client() as c:
-                res[i] = c.post("/v1/completions", json=bodies[i]).json()["choices"][0]["text"]
-        ts = [threading.Thread(target=go, args=(i,)) for i in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(timeout=20)
-        assert [res[0], res[1]] == serial
-
-
-def test_client_disconnect_stops_generation(engine):
-    slow = SlowEngine(engine, delay=0.03)
-    with running(slow, max_new_tokens=200) as r:
-        with r.client() as c:
-            with c.stream("POST", "/v1/chat/completions",
-                          json={"messages": CHAT, "max_tokens": 200, "temperature": 0, "stream": True}) as s:
-                assert s.status_code == 200
-                got = 0
-                for line in s.iter_lines():
-                    got += bool(line)
-                    if got >= 3:
-                        break                      # leaving the block closes the connection mid-stream
-        with r.client() as c:
-            t_end = time.monotonic() + 5
-            while c.get("/health").json()["in_flight"] and time.monotonic() < t_end:
-                time.sleep(0.05)
-            assert c.get("/health").json()["in_flight"] == 0
-            calls = slow.calls
-            time.sleep(0.3)
-            assert slow.calls == calls < 100, (calls, slow.calls)
-            assert metric(c.get("/metrics").text, "rocket_client_disconnects_total") == 1
-
-
-# ------------------------------------------------------------------------------------------------ shutdown
-def test_graceful_shutdown_finishes_in_flight(engine):
-    slow = SlowEngine(engine, delay=0.05)
-    with running(slow, shutdown_timeout_s=10) as r:
-        out = {}
-
-        def request():
-            with r.client() as c:
-                out["r"] = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 16, "temperature": 0})
-        t = threading.Thread(target=request)
-        t.start()
-        with r.client() as c:
-            t_end = time.monotonic() + 5
-            while c.get("/health").json()["in_flight"] == 0 and time.monotonic() < t_end:
-                time.sleep(0.02)
-        r.server.handle_exit(signal.SIGTERM, None)     # what uvicorn's SIGTERM handler calls
-        t.join(timeout=15)
-        assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 16
-        r.thread.join(timeout=15)
-        assert not r.thread.is_alive()
-        with pytest.raises(httpx.TransportError), r.client(timeout=2) as c:
-            c.get("/health")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sigterm_subprocess(tmp_path):
-    """A real process: SIGTERM while a request is in flight -> the request completes, the process exits 0."""
-    port = _free_port()
-    script = tmp_path / "srv.py"
-    script.write_text(textwrap.dedent(f"""
-        import time
-        import torch
-        torch.set_num_threads(1)
-        from rocket_deploy.runtime.engine import Engine
-        from rocket_deploy.runtime.server import ServerSettings, serve
-        from rocket_deploy.runtime.torch_backend import TorchEngine
-        from rocket_deploy.testing import tiny_llama, tiny_tokenizer
-
-        class Slow(TorchEngine):
-            def forward(self, *a):
-                time.sleep(0.05)
-                return super().forward(*a)
-
-        serve(Slow(tiny_llama(), tiny_tokenizer(), device="cpu"), "127.0.0.1", {port},
-              ServerSettings(model_name="tiny", shutdown_timeout_s=10), log_level="warning")
-    """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t_end = time.monotonic() + 40
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < t_end, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        out = {}
-
-        def request():
-            out["r"] = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 20,
-                                                                  "temperature": 0}, timeout=20)
-        t = threading.Thread(target=request)
-        t.start()
-        t_end = time.monotonic() + 5
-        while httpx.get(url + "/health", timeout=2).json()["in_flight"] == 0 and time.monotonic() < t_end:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        t.join(timeout=20)
-        body = out["r"].json()
-        assert out["r"].status_code == 200 and body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"]["completion_tokens"] == 20
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
 
 
 # ------------------------------------------------------------------------------------------------ unit + CLI

@@ -21,13 +21,13 @@ def run_sweep(model_spec: str, budgets: Sequence[float], out_dir: str, *, config
               threads: int | None = None, keep_artifacts: bool = True, progress: Callable[[str], None] | None = None,
               profile_dir: str | None = None, show_progress_bars: bool = False) -> dict[str, Any]:
     """Run the sweep (see module doc). ``config`` is a :class:`RocketConfig` template (its budget is replaced)."""
-    from rocket_deploy.compress.pipeline import compress, prepare_calibration, run_profile
+    from rocket_deploy.compress.pipeline import compress, load_or_profile, prepare_calibration
     from rocket_deploy.config import CalibrationConfig, RocketConfig
+    from rocket_deploy.export import export_model
     from rocket_deploy.models import is_causal_lm, load_model
     from rocket_deploy.perplexity import hidden_state_fidelity, perplexity
+    from rocket_deploy.runtime.backends import open_backend
     from rocket_deploy.runtime.bench import BenchConfig, bench_side_by_side
-
-    from .onnx_export import export_model
     budgets = sorted(float(b) for b in budgets)
     if not budgets or not all(0 < b < 1 for b in budgets):
         raise ValueError(f"budgets must be fractions in (0, 1), got {budgets}")
@@ -43,8 +43,8 @@ def run_sweep(model_spec: str, budgets: Sequence[float], out_dir: str, *, config
     _log(progress, "calibration text")
     data = prepare_calibration(tok, calibration, model)
     _log(progress, "profile (once for all budgets)")
-    prof = run_profile(model, tok, config, calibration, data=data, cache_dir=profile_dir,
-                       progress=show_progress_bars)
+    prof = load_or_profile(model, tok, config, calibration, data, profile_dir, progress=show_progress_bars,
+                           log=progress)
     held = data.heldout.ids
 
     def quality(m):
@@ -73,9 +73,8 @@ def run_sweep(model_spec: str, budgets: Sequence[float], out_dir: str, *, config
     engines = {}
     for e in entries:
         if backend == "ort":
-            from rocket_deploy.runtime.ort_backend import OrtEngine
-            engines[e["name"]] = OrtEngine(e["onnx"], threads=threads, tokenizer=tok)
-        else:
+            engines[e["name"]] = open_backend(e["onnx"], "ort", threads=threads, tokenizer=tok)
+        else:   # the in-memory model (no artifact is written when keep_artifacts is False)
             from rocket_deploy.runtime.torch_backend import TorchEngine
             engines[e["name"]] = TorchEngine(e["model"], tok, device="cpu")
     cfg = BenchConfig(batches=(1,), prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, runs=runs)
