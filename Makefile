@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 RD := $(VENV)/bin/rocket-deploy
 OUT ?= out
 
-.PHONY: setup test test-fast test-gpu demo plugin trt-headers bench bench-kernels bench-export bench-quant clean
+.PHONY: setup test test-fast test-gpu demo plugin trt-headers bench bench-kernels bench-export bench-quant bench-quality clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ plugin: trt-headers
 
 bench: setup
 	$(PY) bench/bench_compression.py
+
+# Quality per byte (docs/benchmarks.md section 6): every quantization setting and lever, every domain; long.
+bench-quality: setup
+	$(PY) bench/bench_quality_per_byte.py --profile-root $(OUT)/quality/profiles --plot docs/img/quality-per-byte.png
 
 # Sparse V kernels vs copy bandwidth and cuBLAS (needs CUDA; exits 2 without it).
 bench-kernels: setup

@@ -103,6 +103,11 @@ def load_plugins(trt, logger, path: str | os.PathLike | None = None, required_op
                                f"{' (registry: ' + why + ')' if why else ''}. It must be built against the "
                                f"TensorRT version installed here ({getattr(trt, '__version__', '?')}) and its CUDA; "
                                f"rebuild it: {PLUGIN_BUILD_COMMAND}") from e
+        # Load-time registration is opt-in (ROCKET_STATIC_REGISTRATION): a plain dlopen registers through the
+        # library's exported initRocketTrtPlugins(logger, namespace), as initLibNvInferPlugins does for NVIDIA's.
+        init = getattr(handle, "initRocketTrtPlugins", None)
+        if init is not None:
+            init(None, b"rocket")
     if required_op:
         names = registered_creator_names(trt)
         if required_op not in names:

@@ -17,6 +17,8 @@ TARGETS = {
     "bench-kernels": ("bench/bench_kernels.py", "bench/bench_kernels.py"),
     "bench-export": ("bench/bench_export_ort.py", "bench/bench_export_ort.py"),
     "bench-quant": ("bench/bench_quantization.py", "bench/bench_quantization.py --profile-root"),
+    "gpu-check": ("bench/gpu_check.py", "bench/gpu_check.py --out"),
+    "bench-quality": ("bench/bench_quality_per_byte.py", "bench/bench_quality_per_byte.py --profile-root"),
 }
 
 
