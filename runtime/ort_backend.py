@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rocket_deploy import onnx_contract as C
 from rocket_deploy.onnx_contract import PAST_RE as _PAST_RE
 from rocket_deploy.onnx_contract import onnx_file_bytes
 
@@ -55,16 +56,16 @@ class OrtEngine(Engine):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = sorted((n for n in self.inputs if _PAST_RE.match(n)),
                                  key=lambda n: (int(_PAST_RE.match(n).group(1)), _PAST_RE.match(n).group(2) != "key"))
-        self.is_decoder = "logits" in self.output_names
+        self.is_decoder = C.LOGITS in self.output_names
         if self.is_decoder:
-            self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+            self.present_names = [C.present_for_past(n) for n in self.past_names]
             missing = [n for n in self.present_names if n not in self.output_names]
             if missing:
                 raise ValueError(f"{self.path}: outputs {missing[:2]} are missing; is this a rocket-deploy export?")
             first = self.inputs[self.past_names[0]] if self.past_names else None
             self.kv_dtype = _ORT_TYPES.get(first.type, np.float32) if first else np.float32
             self.kv_shape = tuple(first.shape) if first else ()
-        elif "last_hidden_state" not in self.output_names:
+        elif C.LAST_HIDDEN_STATE not in self.output_names:
             raise ValueError(f"{self.path}: neither 'logits' nor 'last_hidden_state' is an output")
         folder = os.path.dirname(os.path.abspath(self.path))
         self.max_context = _config_context(folder) if self.is_decoder else None
@@ -80,17 +81,17 @@ class OrtEngine(Engine):
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         if not self.is_decoder:
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in self.inputs:
-                feeds["token_type_ids"] = np.zeros_like(ids)
-            return self.session.run(["last_hidden_state"], feeds)[0].astype(np.float32, copy=False), None
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "position_ids" in self.inputs:
+            feeds = {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask}
+            if C.TOKEN_TYPE_IDS in self.inputs:
+                feeds[C.TOKEN_TYPE_IDS] = np.zeros_like(ids)
+            return self.session.run([C.LAST_HIDDEN_STATE], feeds)[0].astype(np.float32, copy=False), None
+        feeds = {C.INPUT_IDS: ids, C.ATTENTION_MASK: mask}
+        if C.POSITION_IDS in self.inputs:
             pos = np.cumsum(mask, axis=1) - 1
             pos = np.where(mask == 0, 1, pos)[:, -ids.shape[1]:]
-            feeds["position_ids"] = np.ascontiguousarray(pos, dtype=np.int64)
+            feeds[C.POSITION_IDS] = np.ascontiguousarray(pos, dtype=np.int64)
         feeds.update(self._empty_past(ids.shape[0]) if past is None else dict(zip(self.past_names, past)))
-        outs = self.session.run(["logits", *self.present_names], feeds)
+        outs = self.session.run([C.LOGITS, *self.present_names], feeds)
         return outs[0].astype(np.float32, copy=False), outs[1:]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

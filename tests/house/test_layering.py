@@ -42,9 +42,11 @@ def imported_modules(path: Path, module: str, is_package: bool) -> list[tuple[in
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            out.append((node.lineno, target))
-            # ``from . import kernels`` / ``from rocket_deploy import compress``: the names may be modules
-            out += [(node.lineno, f"{target}.{a.name}") for a in node.names]
+            # ``from . import kernels`` / ``from rocket_deploy import onnx_contract``: a name that is a module is the
+            # import; any other name (a function, a class, ``__version__``) imports the module ``target`` itself
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                out.append((node.lineno, sub if sub.startswith("rocket_deploy.") and _is_module(sub) else target))
     return [(ln, m) for ln, m in out if m == "rocket_deploy" or m.startswith("rocket_deploy.")]
 
 
