@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .manifest import (FORMAT_NAME, MANIFEST, ArtifactError, check_factor_shapes, file_records,  # noqa: F401
                        read_json_manifest, tensor_shapes, verify_files)
-from .quant_linear import QUANT_MODULES, QuantDenseLinear, QuantRocketLinear, quant_state_keys
+from .quant_linear import QUANT_MODULES, compressed_layer, quant_state_keys
 from .rocket_linear import RocketLinear
 from .safe_io import atomic_directory, recover_swap  # noqa: F401 -- atomic_directory: importable from here too
 from .sparse_format import FORMAT_VERSION, artifact_format_version
@@ -230,18 +230,8 @@ def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = tor
     model = model.to(dtype)
     for name, rec in manifest["layers"].items():
         _check_layer(model, name, rec, path)
-        q = rec.get("quant")
-        if q:           # format version 2: quantized factors or quantized dense weight
-            bias_dtype = _dtype(manifest.get("storage_dtype", "float16"))
-            group = q.get("group_size") or 128
-            new = (QuantRocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], q["scheme"], group,
-                                     bias=rec["has_bias"], bias_dtype=bias_dtype) if rec["kind"] == "rocket" else
-                   QuantDenseLinear(rec["d_in"], rec["d_out"], q["scheme"], group, bias=rec["has_bias"],
-                                    bias_dtype=bias_dtype))
-            set_module(model, name, new)
-        elif rec["kind"] == "rocket":
-            set_module(model, name, RocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"],
-                                                 bias=rec["has_bias"], dtype=dtype))
+        if rec.get("quant") or rec["kind"] == "rocket":   # quantized (format 2) or factorized; else left dense
+            set_module(model, name, compressed_layer(rec, dtype, _dtype(manifest.get("storage_dtype", "float16"))))
     return model
 
 

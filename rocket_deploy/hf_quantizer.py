@@ -30,7 +30,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .quant_linear import QUANT_MODULES, QuantDenseLinear, QuantRocketLinear
+from .quant_linear import QUANT_MODULES, compressed_layer
 from .rocket_linear import RocketLinear
 from .sparse_format import full_mask
 
@@ -107,18 +107,6 @@ class RocketQuantConfig(QuantizationConfigMixin):
                                  f"{rec.get('kind')!r}); the artifact's config.json is damaged, compress again")
 
 
-def _build(rec: dict[str, Any], dtype: torch.dtype, storage: torch.dtype) -> torch.nn.Module:
-    q = rec["quant"]
-    if q:
-        group = q.get("group_size") or 128
-        if rec["kind"] == "rocket":
-            return QuantRocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], q["scheme"], group,
-                                     bias=rec["has_bias"], bias_dtype=storage)
-        return QuantDenseLinear(rec["d_in"], rec["d_out"], q["scheme"], group, bias=rec["has_bias"],
-                                bias_dtype=storage)
-    return RocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], bias=rec["has_bias"], dtype=dtype)
-
-
 def _resolve(model: torch.nn.Module, name: str) -> str | None:
     """``name`` in ``model``: as saved, without or with the base-model prefix (AutoModel vs a head class)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -158,7 +146,7 @@ class RocketHfQuantizer(HfQuantizer):
                 raise ValueError(f"quantization_config.layers[{saved_name!r}] ({rec['d_in']}x{rec['d_out']}) matches no "
                                  f"linear layer of {type(model).__name__}; load the artifact with the class it was "
                                  f"compressed from (rocket.json: architecture)")
-            set_module(model, name, _build(rec, dtype, storage))
+            set_module(model, name, compressed_layer(rec, dtype, storage))
             if rec["kind"] == "rocket" and rec["keep"] == rec["rank"]:
                 ignore.add(re.escape(f"{name}.v_mask") + "$")      # all ones, not stored: rebuilt after loading
         model._keys_to_ignore_on_load_missing = sorted(ignore)

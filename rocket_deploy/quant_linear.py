@@ -195,3 +195,20 @@ QUANT_MODULES = (QuantRocketLinear, QuantDenseLinear)
 def quant_state_keys(module: nn.Module) -> list[str]:
     """Buffer names of a quantized module that are stored in factors.safetensors."""
     return [n for n in module._QUANT_BUFFERS + ("bias",) if getattr(module, n, None) is not None]
+
+
+def compressed_layer(rec: dict, dtype: torch.dtype, storage_dtype: torch.dtype) -> nn.Module:
+    """The empty module of one compressed layer record of ``rocket.json`` (``kind``, ``d_in``, ``d_out``, ``rank``,
+    ``keep``, ``has_bias``, ``quant``): a Quant* layer when ``quant`` is set (bias in the storage dtype), else a
+    :class:`~rocket_deploy.rocket_linear.RocketLinear` in ``dtype``. Used by the artifact loader and the
+    transformers quantizer, so both build the very same modules."""
+    from .rocket_linear import RocketLinear
+    q = rec.get("quant")
+    if q:
+        group = q.get("group_size") or 128
+        if rec["kind"] == "rocket":
+            return QuantRocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], q["scheme"], group,
+                                     bias=rec["has_bias"], bias_dtype=storage_dtype)
+        return QuantDenseLinear(rec["d_in"], rec["d_out"], q["scheme"], group, bias=rec["has_bias"],
+                                bias_dtype=storage_dtype)
+    return RocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], bias=rec["has_bias"], dtype=dtype)
