@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 RD := $(VENV)/bin/rocket-deploy
 OUT ?= out
 
-.PHONY: setup test test-fast test-gpu demo plugin trt-headers bench bench-kernels bench-export bench-quant bench-quality clean
+.PHONY: ort-headers ort-ops setup test test-fast test-gpu demo plugin trt-headers bench bench-kernels bench-export bench-quant bench-quality clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
+	-$(MAKE) ort-ops   # the ONNX Runtime CPU custom-op library (tests skip without it)
 
 test: setup
 	$(PY) -m pytest -q
@@ -31,6 +32,12 @@ demo: setup
 	$(RD) compress smollm2-135m --budget 0.3 --out $(OUT)/smollm2-0.3 --overwrite
 	$(RD) inspect $(OUT)/smollm2-0.3 --plot $(OUT)/smollm2-0.3-allocation.png
 	$(RD) eval $(OUT)/smollm2-0.3 --domains stdlib,pyref,licenses
+
+ort-headers:
+	bash plugins_ort/fetch_ort_headers.sh
+
+ort-ops: ort-headers
+	$(PY) -c "from rocket_deploy.runtime.ort_custom_ops import library_path; print(library_path())"
 
 trt-headers:
 	bash plugins_trt/fetch_trt_headers.sh

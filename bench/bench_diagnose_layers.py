@@ -51,6 +51,10 @@ def main(argv=None):
     ap.add_argument("--profile-dir", required=True)
     ap.add_argument("--refit-rounds", type=int, default=2, help="0 skips the refit columns (the slow part)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shrink", default="", help="comma list of a: also fit with the Gram shrunk towards its "
+                    "diagonal, (1-a) H + a diag(H); columns shr<a>_held / shr<a>_ood")
+    ap.add_argument("--more-samples", type=int, default=0, help="also fit with the Gram of this many calibration "
+                    "samples of the same mix (columns more_held / more_ood)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from rocket_deploy.compress.allocate import allocate
@@ -75,6 +79,13 @@ def main(argv=None):
     ood_b = chunk_tokens(lm.tokenizer, half_b, cal.seq_len, args.ood_samples, args.ood).ids
     grams = {"held": collect_grams(lm.model, targets, data.heldout.ids),
              "ood": collect_grams(lm.model, targets, ood_b), "oodA": collect_grams(lm.model, targets, ood_a)}
+    variants = {}     # name -> {layer: Gram} used for whitening; evaluated on held and ood
+    for a in [float(x) for x in args.shrink.split(",") if x]:
+        variants[f"shr{a:g}"] = a
+    if args.more_samples:
+        more = prepare_calibration(lm.tokenizer, CalibrationConfig(samples=args.more_samples, seq_len=args.seq_len),
+                                   lm.model)
+        variants["more"] = collect_grams(lm.model, targets, more.calib.ids)
     rows, whit = [], {}
     for name, opt in choice.items():
         if opt is None:
@@ -100,9 +111,23 @@ def main(argv=None):
                 whit[ck] = (s, inverse_upper(s))
             fo = factorize(eigenbasis(w, *whit[ck]), opt.rank, opt.keep)
             r[key] = rel_err(grams["ood"][name], w - fo.u @ fo.v, w)
+        for key, spec in variants.items():
+            ck = (key, lp.group)
+            if ck not in whit:
+                if isinstance(spec, float):
+                    gram = (1 - spec) * g_fit + spec * torch.diag(torch.diagonal(g_fit))
+                else:
+                    gram = spec[name].double()
+                s, _ = whitening_factor(gram)
+                whit[ck] = (s, inverse_upper(s))
+            fo = factorize(eigenbasis(w, *whit[ck]), opt.rank, opt.keep)
+            dwo = w - fo.u @ fo.v
+            r[key + "_held"] = rel_err(grams["held"][name], dwo, w)
+            r[key + "_ood"] = rel_err(grams["ood"][name], dwo, w)
         rows.append(r)
         print("ROW " + json.dumps(r), flush=True)
     cols = ["fit", "held", "ood", "oracle", "damp"] + (["refit2_fit", "refit2_held", "refit2"] if args.refit_rounds else [])
+    cols += [k + sfx for k in variants for sfx in ("_held", "_ood")]
     by = collections.defaultdict(list)
     for r in rows:
         by[r["kind"]].append(r)

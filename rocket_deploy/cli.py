@@ -10,6 +10,7 @@ import click
 COMMANDS = {
     "compress": ("rocket_deploy.commands.compress_cmd", "compress", "Compress a model with ROCKET into an artifact directory."),
     "eval": ("rocket_deploy.commands.eval_cmd", "eval_", "Perplexity of an artifact vs its dense model on held-out text."),
+    "heal": ("rocket_deploy.commands.heal_cmd", "heal", "Distil a ROCKET artifact from its dense model (masks fixed)."),
     "inspect": ("rocket_deploy.commands.inspect_cmd", "inspect_", "Per-layer table and allocation plot of an artifact."),
     "export": ("rocket_deploy.commands.export_cmd", "export", "Export an artifact to ONNX (ORT or TensorRT target)."),
     "bench": ("rocket_deploy.commands.bench_cmd", "bench", "Latency / throughput of an artifact, ONNX or engine file."),

@@ -158,3 +158,53 @@ class RocketConfig:
         if "quant_group_size" in d and "quant_method" not in d:     # saved before GPTQ existed: it was rounded
             d = {"quant_method": "rtn", "quant_act_order": False, "quant_u_method": "rtn", "quant_v_refit": False, **d}
         return cls(**d)
+
+
+HEAL_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class HealConfig:
+    """How ``rocket-deploy heal`` distils the compressed model from its dense model (docs/benchmarks.md "Healing"):
+    AdamW on U and V's kept values (masks fixed), loss KL(dense || student) per token + ``hidden_mse`` times the
+    relative MSE of the last hidden state."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 128                 # tokens per training sequence (the calibration chunks are cut to this)
+    schedule: str = "cosine"           # decay of the learning rate after warmup: cosine | linear | constant
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0             # max global gradient norm (0: off)
+    hidden_mse: float = 0.0            # weight of the last-hidden-state relative MSE term (0: KL only)
+    checkpoint_every: int = 25         # steps between resumable checkpoints (0: none)
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        def _int(name, lo):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
+        _int("steps", 1)
+        _int("batch_size", 1)
+        _int("seq_len", 8)
+        _int("warmup_steps", 0)
+        _int("checkpoint_every", 0)
+        _check(isinstance(self.lr, (int, float)) and 0 < self.lr <= 1, f"lr must be in (0, 1], got {self.lr!r}")
+        _check(self.schedule in HEAL_SCHEDULES, f"schedule must be one of {HEAL_SCHEDULES}, got {self.schedule!r}")
+        _check(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1,
+               f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        _check(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        _check(isinstance(self.hidden_mse, (int, float)) and self.hidden_mse >= 0, f"hidden_mse must be >= 0, got {self.hidden_mse!r}")
+        _check(self.version == CONFIG_VERSION, f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HealConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown HealConfig fields {sorted(unknown)}")
+        return cls(**d)

@@ -2,7 +2,7 @@
 
 A "generation" is one prefill of ``prompt_len`` random tokens (empty KV cache) followed by ``gen_len - 1`` greedy
 decode steps, for a batch of ``batch`` sequences. Per batch size we report the full-generation latency
-(min / mean / median / p90 / p99 over ``runs``), the prefill time, the decode throughput (generated tokens per second
+(min / mean / p50 / p90 / p95 / p99 / max / stddev over ``runs``; :func:`latency_stats`), the prefill time, the decode throughput (generated tokens per second
 of decode time, all sequences of the batch counted), the model's bytes and the process's peak RSS (high-water mark;
 plus the CUDA allocator's peak where torch uses a GPU). Encoders: one pass over ``[batch, prompt_len]`` tokens.
 
@@ -87,15 +87,79 @@ def one_generation(engine: Engine, ids: np.ndarray, gen_len: int) -> dict[str, f
             "tokens": np.stack(tokens, 1)}
 
 
+MIN_RUNS_FOR_PERCENTILES = 20     # below this, p95 / p99 are the slowest run or two, not a tail estimate
+
+
+def latency_stats(ms: Sequence[float]) -> dict[str, float]:
+    """min / mean / p50 / p90 / p95 / p99 / max / population stddev of latencies in milliseconds (linear
+    interpolation between order statistics, numpy's default)."""
+    a = np.asarray(ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("latency_stats needs at least one sample")
+    p50, p90, p95, p99 = (float(v) for v in np.percentile(a, [50, 90, 95, 99]))
+    return {"min": float(a.min()), "mean": float(a.mean()), "p50": p50, "p90": p90, "p95": p95, "p99": p99,
+            "max": float(a.max()), "stddev": float(a.std())}
+
+
+def few_runs_warning(runs: int) -> str | None:
+    """The warning to show when percentiles rest on fewer than :data:`MIN_RUNS_FOR_PERCENTILES` runs, else None."""
+    if runs >= MIN_RUNS_FOR_PERCENTILES:
+        return None
+    return (f"percentiles rest on {runs} run(s) per batch size (p95/p99 are then just the slowest runs); use "
+            f"--runs {MIN_RUNS_FOR_PERCENTILES} or more for tail latencies")
+
+
+def environment(engine: Engine | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Where the numbers were measured: backend, providers, threads, library versions, CPU and GPU names."""
+    import platform
+    from importlib import metadata
+    versions = {}
+    for lib in ("torch", "onnxruntime", "transformers", "rocket-deploy"):
+        try:
+            versions[lib.replace("-", "_")] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib.replace("-", "_")] = None
+    out: dict[str, Any] = {"backend": getattr(engine, "backend", None),
+                           "providers": list(getattr(engine, "providers", None) or []) or None,
+                           "threads": threads, "versions": versions, "cpu": cpu_name(), "gpu": gpu_name(),
+                           "python": platform.python_version()}
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else :func:`platform.processor`)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_name() -> str | None:
+    """The CUDA device's name when torch sees one, else None."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
 def summarize(samples: list[dict[str, float]], batch: int, cfg: BenchConfig, encoder: bool) -> dict[str, Any]:
     tot = np.array([s["total_s"] for s in samples]) * 1e3
     pre = np.array([s["prefill_s"] for s in samples]) * 1e3
     dec = np.array([s["decode_s"] for s in samples])
     ntok = samples[0]["decode_tokens"]
     row = {"batch": batch, "prompt_len": cfg.prompt_len, "gen_len": 0 if encoder else cfg.gen_len,
-           "runs": len(samples), "latency_ms_min": float(tot.min()), "latency_ms_mean": float(tot.mean()),
-           "latency_ms_median": float(np.median(tot)), "latency_ms_p90": float(np.percentile(tot, 90)),
-           "latency_ms_p99": float(np.percentile(tot, 99)), "prefill_ms_median": float(np.median(pre))}
+           "runs": len(samples)}
+    row.update({f"latency_ms_{k}": v for k, v in latency_stats(tot).items()})
+    row["latency_ms_median"] = row["latency_ms_p50"]     # the older name, kept for scripts reading it
+    row["prefill_ms_median"] = float(np.median(pre))
     if encoder:
         row["tokens_per_s"] = batch * cfg.prompt_len / float(np.median(tot) / 1e3)
         row["decode_tokens_per_s"] = None
@@ -117,14 +181,17 @@ def bench_side_by_side(engines: Mapping[str, Engine], cfg: BenchConfig = BenchCo
     for batch in cfg.batches:
         ids = {n: _prompt(e, batch, cfg.prompt_len, cfg.seed) for n, e in engines.items()}
         for n, e in engines.items():
-            for _ in range(cfg.warmup):
+            for w in range(cfg.warmup):
                 one_generation(e, ids[n], cfg.gen_len)
+                if progress:
+                    progress(f"batch {batch}: warmup {w + 1}/{cfg.warmup}")
         samples: dict[str, list] = {n: [] for n in engines}
         for r in range(cfg.runs):
             for n, e in engines.items():
                 samples[n].append(one_generation(e, ids[n], cfg.gen_len))
             if progress:
-                progress(f"batch {batch}: run {r + 1}/{cfg.runs}")
+                ms = "  ".join(f"{samples[n][-1]['total_s'] * 1e3:.1f} ms" for n in engines)
+                progress(f"batch {batch}: run {r + 1}/{cfg.runs}  {ms}")
         for n, e in engines.items():
             row = summarize(samples[n], batch, cfg, not e.is_decoder)
             results[n]["rows"].append(row)

@@ -51,6 +51,12 @@ class OrtEngine(Engine):
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
         self.providers = list(providers) if providers else default_providers()
+        from .ort_custom_ops import OrtOpsUnavailable, graph_uses_op, register
+        if graph_uses_op(self.path):                # a trt-target graph: the packed op's CPU library
+            try:
+                register(so)
+            except OrtOpsUnavailable as e:
+                raise RuntimeError(str(e)) from None
         self.session = ort.InferenceSession(self.path, so, providers=self.providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

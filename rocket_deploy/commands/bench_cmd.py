@@ -41,16 +41,22 @@ def bench(path, backend, batches, prompt_len, gen_len, warmup, runs, threads, as
             engine = open_for_bench(path, backend, threads=threads)
         except (ValueError, FileNotFoundError) as e:
             raise click.BadParameter(str(e), param_hint="PATH") from e
+        from ..runtime.bench import environment, few_runs_warning
         cfg = BenchConfig(batches=batches, prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, runs=runs)
-        res = bench_engine(engine, cfg)
+        warn = few_runs_warning(runs)
+        if warn:
+            click.echo(f"warning: {warn}", err=True)
+        res = bench_engine(engine, cfg, None if as_json else (lambda m: click.echo(m, err=True)))
+        res["environment"] = environment(engine, threads)
     if not as_json:
         click.echo(f"{path} [{res['backend']}]  model {res['model_bytes'] / 1e6:.1f} MB  peak RSS "
                    f"{res['peak_rss_bytes'] / 1e6:.0f} MB" + (f"  GPU peak {res['gpu_peak_bytes'] / 1e6:.0f} MB"
                                                             if res.get("gpu_peak_bytes") else ""))
-        hdr = ["batch", "min ms", "mean ms", "median ms", "p90 ms", "p99 ms", "prefill ms",
+        hdr = ["batch", "min ms", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "max ms", "stddev ms", "prefill ms",
                "decode tok/s" if res["is_decoder"] else "tok/s"]
-        rows = [[r["batch"], r["latency_ms_min"], r["latency_ms_mean"], r["latency_ms_median"], r["latency_ms_p90"],
-                 r["latency_ms_p99"], r["prefill_ms_median"],
+        rows = [[r["batch"], r["latency_ms_min"], r["latency_ms_mean"], r["latency_ms_p50"], r["latency_ms_p90"],
+                 r["latency_ms_p95"], r["latency_ms_p99"], r["latency_ms_max"], r["latency_ms_stddev"],
+                 r["prefill_ms_median"],
                  r["decode_tokens_per_s"] if res["is_decoder"] else r["tokens_per_s"]] for r in res["rows"]]
         click.echo(format_table(hdr, rows))
     echo_json_line({"path": path, **res})
