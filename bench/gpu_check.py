@@ -9,7 +9,9 @@ Steps, in order, each recorded with its status (ok / failed / skipped + why) and
 4. GPU compress time of SmolLM2 at budget 0.3 (`rocket-deploy compress --device cuda`; skipped, with the reason,
    when the CLI has no --device);
 5. end-to-end SmolLM2 decode tokens/s (torch backend, fp16, batch 1) at budgets 0.2 / 0.3 / 0.4 / 0.5 vs dense,
-   with and without CUDA graphs where the torch engine has that switch. The compressed models are made quickly:
+   three ways: eager (dynamic KV cache), static KV cache without graphs, and each decode step replayed from a CUDA
+   graph (``TorchEngine(cuda_graphs=True)``), with the graph counters (captures / replays / why off) per model and
+   whether 32 greedy tokens equal the eager ones. The compressed models are made quickly:
    every default target projection becomes a RocketLinear of the size the budget gives (truncated SVD, largest-|V|
    entries kept, k/r = 1/2) -- the same kernels and bytes as a compressed artifact, not its accuracy; plus the real
    artifact of step 4 when there is one.
@@ -163,7 +165,7 @@ def end_to_end(compressed: dict | None, prompt_len: int, gen_len: int, runs: int
     from rocket_deploy.artifact import load_artifact
     from rocket_deploy.config import DEFAULT_TARGETS
     from rocket_deploy.models import load_model
-    from rocket_deploy.runtime.bench import BenchConfig, bench_side_by_side
+    from rocket_deploy.runtime.bench import BenchConfig, bench_side_by_side, greedy_tokens
     from rocket_deploy.runtime.torch_backend import TorchEngine
     from rocket_deploy.targets import select_targets, set_module
 
@@ -183,15 +185,19 @@ def end_to_end(compressed: dict | None, prompt_len: int, gen_len: int, runs: int
         art, _, _ = load_artifact(compressed["artifact"], dtype=dtype, device=device)
         models["artifact-0.3-gpu"] = art
     params = inspect.signature(TorchEngine.__init__).parameters
-    graph_arg = next((p for p in ("cuda_graphs", "cuda_graph", "graphs") if p in params), None)
+    graph_arg = "cuda_graphs" if "cuda_graphs" in params else None
+    # eager: the dynamic cache, every kernel launched from Python (what ran before CUDA graphs); static-kv: the static
+    # cache without graphs (its own cost); cuda-graphs: the static cache with each decode step replayed from a graph
     variants = [("eager", {graph_arg: False} if graph_arg else {})]
     if graph_arg:
-        variants.append(("cuda-graphs", {graph_arg: True}))
+        variants += [("static-kv", {"cuda_graphs": False, "static_kv": True}), ("cuda-graphs", {"cuda_graphs": True})]
     cfg = BenchConfig(batches=(1,), prompt_len=prompt_len, gen_len=gen_len, warmup=1, runs=runs)
     result = {"config": {"prompt_len": prompt_len, "gen_len": gen_len, "runs": runs, "dtype": dtype_name, "batch": 1,
                          "device": device},
-              "cuda_graphs": graph_arg or "not measured: TorchEngine has no CUDA-graph switch in this checkout",
+              "cuda_graphs": ("eager (dynamic KV) / static-kv / cuda-graphs" if graph_arg else
+                              "not measured: TorchEngine has no CUDA-graph switch in this checkout"),
               "models": {}}
+    tokens = {}
     for label, kw in variants:
         engines = {n: TorchEngine(m, lm.tokenizer, device=device, **kw) for n, m in models.items()}
         res = bench_side_by_side(engines, cfg)
@@ -201,8 +207,18 @@ def end_to_end(compressed: dict | None, prompt_len: int, gen_len: int, runs: int
             result["models"].setdefault(n, {"model_bytes": r["model_bytes"]})[label] = {
                 "decode_tokens_per_s": row["decode_tokens_per_s"], "decode_ms_per_step": row["decode_ms_per_step"],
                 "prefill_ms": row["prefill_ms_median"],
-                "speedup_vs_dense": row["decode_tokens_per_s"] / base if base else None}
+                "speedup_vs_dense": row["decode_tokens_per_s"] / base if base else None,
+                **({"graph_stats": engines[n].graph_stats} if hasattr(engines[n], "graph_stats") else {})}
+        # greedy tokens of the same prompt through each variant (fp16: the graphs must not change them)
+        prompt = list(range(10, 10 + prompt_len))
+        tokens[label] = {n: greedy_tokens(e, prompt, 32) for n, e in engines.items()}
         del engines
+    if "cuda-graphs" in tokens:
+        result["greedy_32_equal_to_eager"] = {n: tokens["cuda-graphs"][n] == t for n, t in tokens["eager"].items()}
+        for n, m in result["models"].items():
+            e, g = m.get("eager", {}), m.get("cuda-graphs", {})
+            if e.get("decode_tokens_per_s") and g.get("decode_tokens_per_s"):
+                m["graphs_speedup_vs_eager"] = g["decode_tokens_per_s"] / e["decode_tokens_per_s"]
     result["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
     return result
 
@@ -270,10 +286,20 @@ def write_markdown(out: Path, result: dict) -> None:
                   "", "## Kernels: prefill", "", _md_table(ph, prows)]
     e2e = result.get("end_to_end")
     if e2e:
-        labels = sorted({k for m in e2e["models"].values() for k in m if k != "model_bytes"})
-        head = ["model", "MB"] + [f"{lab} tok/s" for lab in labels] + [f"{lab} x dense" for lab in labels]
+        labels = sorted({k for m in e2e["models"].values() for k, v in m.items() if isinstance(v, dict)})
+        graphs = any("graphs_speedup_vs_eager" in m for m in e2e["models"].values())
+        head = (["model", "MB"] + [f"{lab} tok/s" for lab in labels] + [f"{lab} x dense" for lab in labels]
+                + (["graphs x eager", "captures / replays", "greedy = eager"] if graphs else []))
+        same = e2e.get("greedy_32_equal_to_eager", {})
+
+        def graph_cols(n, m):
+            st = m.get("cuda-graphs", {}).get("graph_stats") or {}
+            counts = f"{st.get('captures')} / {st.get('replays')}" + (f" (off: {st['cuda_graphs']})"
+                                                                     if st.get("cuda_graphs") else "")
+            return [m.get("graphs_speedup_vs_eager"), counts, same.get(n)]
         rows = [[n, m["model_bytes"] / 1e6] + [m.get(lab, {}).get("decode_tokens_per_s") for lab in labels]
-                + [m.get(lab, {}).get("speedup_vs_dense") for lab in labels] for n, m in e2e["models"].items()]
+                + [m.get(lab, {}).get("speedup_vs_dense") for lab in labels]
+                + (graph_cols(n, m) if graphs else []) for n, m in e2e["models"].items()]
         parts += ["", f"## End to end: SmolLM2-135M decode, torch {e2e['config'].get('dtype', 'fp16')}, batch 1, "
                       f"prompt {e2e['config']['prompt_len']}, "
                       f"{e2e['config']['gen_len']} tokens (CUDA graphs: {e2e['cuda_graphs']})", "",

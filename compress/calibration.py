@@ -2,9 +2,12 @@
 forward hooks accumulate each block's input Grams ``X^T X`` in float64.
 
 Peak memory is one block's activations for the calibration set plus that block's Grams, not the whole model's.
+On an accelerator the model stays on the CPU (offload): :func:`non_blocks_on` moves the tensors outside the
+blocks (embeddings, rotary tables, final norm, head) there for the capture, :func:`block_on` one block at a time.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator
 
 import torch
@@ -13,6 +16,59 @@ from torch import nn
 
 class _StopForward(Exception):
     pass
+
+
+def _move_direct(module: nn.Module, device: torch.device) -> list:
+    """Move ``module``'s own parameters and buffers (not its children's) to ``device``; returns how to undo it.
+    Parameters keep their identity (``.data`` is swapped), so tied weights stay tied."""
+    undo = []
+    for name, p in module._parameters.items():
+        if p is not None and p.device != device:
+            undo.append((module, "p", name, p.device))
+            p.data = p.data.to(device)
+    for name, b in module._buffers.items():
+        if b is not None and b.device != device:
+            undo.append((module, "b", name, b.device))
+            module._buffers[name] = b.to(device)
+    return undo
+
+
+def _restore(undo: list) -> None:
+    for module, kind, name, dev in reversed(undo):
+        if kind == "p":
+            p = module._parameters[name]
+            p.data = p.data.to(dev)
+        else:
+            module._buffers[name] = module._buffers[name].to(dev)
+
+
+@contextlib.contextmanager
+def non_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: str | torch.device):
+    """Inside: every parameter / buffer of ``model`` outside ``blocks`` lives on ``device`` (the blocks stay
+    where they are); afterwards each goes back to where it was. A no-op when everything is there already."""
+    device = torch.device(device)
+    in_blocks = {id(m) for m in blocks.modules()}
+    undo = []
+    try:
+        for m in model.modules():
+            if id(m) not in in_blocks:
+                undo += _move_direct(m, device)
+        yield
+    finally:
+        _restore(undo)
+
+
+@contextlib.contextmanager
+def block_on(block: nn.Module, device: str | torch.device):
+    """Inside: ``block``'s parameters and buffers live on ``device``; afterwards back where they were."""
+    device = torch.device(device)
+    undo = []
+    try:
+        for m in block.modules():
+            undo += _move_direct(m, device)
+        yield
+    finally:
+        _restore(undo)
 
 
 class BlockInputs:

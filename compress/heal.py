@@ -10,7 +10,6 @@ Sections: MATH (trainable layer, loss, schedule) -- STATE (the training loop, re
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -103,12 +102,11 @@ def lr_factor(step: int, cfg: HealConfig) -> float:
 
 
 # ---------------------------------------------------------------- STATE
-def _checkpoint_state(step, layers, opt, gen, losses, cfg, key) -> dict:
-    return {"step": step, "key": key, "config": cfg.to_dict(), "losses": list(losses),
-            "params": {n: {"u": t.u.detach().cpu().clone(), "v_values": t.v_values.detach().cpu().clone()}
-                       for n, t in layers.items()},
-            "optimizer": copy.deepcopy(opt.state_dict()), "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state()}
+def _checkpoint_state(step, layers, opt, gen, losses, cfg, key, seconds) -> dict:
+    # saved synchronously by torch.save: the live tensors need no copy (a copy would double the optimizer's memory)
+    return {"step": step, "key": key, "config": cfg.to_dict(), "losses": list(losses), "seconds": seconds,
+            "params": {n: {"u": t.u.detach(), "v_values": t.v_values.detach()} for n, t in layers.items()},
+            "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -126,10 +124,21 @@ def load_checkpoint(path: str, cfg: HealConfig, key: str) -> dict:
     except Exception as e:  # noqa: BLE001 -- torch raises many types for damaged files
         raise HealError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); delete it and "
                         f"run without --resume") from None
-    if state.get("key") != key or state.get("config") != cfg.to_dict():
-        raise HealError(f"--resume: {path} was written for another artifact or heal settings "
-                        f"({state.get('config')}); use the same options or run without --resume")
+    if not isinstance(state, dict) or state.get("key") != key or state.get("config") != cfg.to_dict():
+        was = state.get("config") if isinstance(state, dict) else None
+        raise HealError(f"--resume: {path} was written for another artifact or heal settings ({was}); use the "
+                        f"same options or run without --resume")
     return state
+
+
+def training_chunks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Calibration chunks ``ids`` ([n, L]) cut into ``[n * (L // seq_len), seq_len]`` training sequences (no token
+    dropped but a chunk's tail shorter than ``seq_len``); chunks already at most ``seq_len`` long stay as they are."""
+    n, length = ids.shape
+    if length <= seq_len:
+        return ids.contiguous()
+    per = length // seq_len
+    return ids[:, :per * seq_len].reshape(n * per, seq_len).contiguous()
 
 
 def heal_model(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: HealConfig, *,
@@ -138,11 +147,10 @@ def heal_model(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: H
     """Distil ``student`` (holding RocketLinear layers) from ``teacher`` on token chunks ``ids`` ([n, seq]) for
     ``cfg.steps`` steps, in place. Checkpoints every ``cfg.checkpoint_every`` steps to ``checkpoint``;
     ``resume`` continues from it. ``stop_after`` ends early after that step (tests: an interrupted run).
-    Returns ``{"losses": [...], "kl": [...], "steps": n, "tokens": n, "seconds": s}``."""
+    Returns ``{"losses": [...], "steps": n, "tokens": n, "seconds": s, "tokens_per_step": t, "sequences": m}``
+    (``seconds``: training time summed over the interrupted and resumed runs)."""
     from tqdm.auto import tqdm
-    if ids.shape[1] > cfg.seq_len:
-        ids = ids[:, :cfg.seq_len]
-    ids = ids.contiguous()
+    ids = training_chunks(ids, cfg.seq_len)
     state = load_checkpoint(checkpoint, cfg, key) if resume else None     # before the model is touched
     layers = make_trainable(student)
     if not layers:
@@ -152,14 +160,14 @@ def heal_model(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: H
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
-    start = 0
+    start, before = 0, 0.0
     if state is not None:
         with torch.no_grad():
             for n, t in layers.items():
                 t.u.copy_(state["params"][n]["u"])
                 t.v_values.copy_(state["params"][n]["v_values"])
         opt.load_state_dict(state["optimizer"])
-        start, losses = state["step"], list(state["losses"])
+        start, losses, before = state["step"], list(state["losses"]), float(state.get("seconds", 0.0))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg), last_epoch=start - 1)
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -170,7 +178,25 @@ def heal_model(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: H
     want_hidden = cfg.hidden_mse > 0
     tokens_per_step = cfg.batch_size * ids.shape[1]
     bar = tqdm(total=cfg.steps, initial=start, desc="heal", unit="step", disable=not progress)
-    t0, perm, pos = time.perf_counter(), None, 0
+    t0, saved = time.perf_counter(), {"step": start if resume else None}
+    try:
+        _train(student, teacher, ids, cfg, layers, params, opt, sched, gen, losses, bar, start, t0, before,
+               checkpoint, key, want_hidden, tokens_per_step, stop_after, saved)
+    except KeyboardInterrupt:
+        if log and saved["step"] is not None:
+            log(f"interrupted; {checkpoint} holds step {saved['step']}: rerun with the same options and --resume")
+        raise
+    finally:
+        bar.close()
+    seconds = before + time.perf_counter() - t0
+    restore_rocket(student, layers)
+    n = len(losses)
+    return {"losses": losses, "steps": n, "tokens": n * tokens_per_step, "seconds": round(seconds, 2),
+            "tokens_per_step": tokens_per_step, "sequences": int(ids.shape[0])}
+
+
+def _train(student, teacher, ids, cfg, layers, params, opt, sched, gen, losses, bar, start, t0, before,
+           checkpoint, key, want_hidden, tokens_per_step, stop_after, saved) -> None:
     for step in range(start, cfg.steps):
         rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
         x = ids[rows]
@@ -193,15 +219,11 @@ def heal_model(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: H
         bar.set_postfix(loss=f"{losses[-1]:.4f}", kl=f"{kl:.4f}",
                         tok_s=f"{tokens_per_step * (done - start) / max(el, 1e-9):.0f}")
         if checkpoint and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(checkpoint, _checkpoint_state(done, layers, opt, gen, losses, cfg, key))
+            save_checkpoint(checkpoint, _checkpoint_state(done, layers, opt, gen, losses, cfg, key,
+                                                          before + el))
+            saved["step"] = done
         if stop_after is not None and done >= stop_after:
             break
-    bar.close()
-    seconds = time.perf_counter() - t0
-    restore_rocket(student, layers)
-    n = len(losses)
-    return {"losses": losses, "steps": n, "tokens": n * tokens_per_step, "seconds": round(seconds, 2),
-            "tokens_per_step": tokens_per_step}
 
 
 # ---------------------------------------------------------------- I/O
@@ -209,7 +231,7 @@ def check_healable(manifest: dict[str, Any], path: str) -> None:
     quant = sorted(n for n, r in manifest["layers"].items() if r.get("quant"))
     if quant:
         raise HealError(f"{path!r} is quantized ({len(quant)} layers, e.g. {quant[0]!r}): integer codes cannot be "
-                        f"trained; heal the fp16 artifact (compress without --quantize), then quantize")
+                        f"trained; heal an fp16 artifact instead (compress without --quantize)")
     if not any(r["kind"] == "rocket" for r in manifest["layers"].values()):
         raise HealError(f"{path!r} has no factorized layer (method {manifest.get('method')!r}); nothing to heal")
 
@@ -218,34 +240,54 @@ def heal_artifact(artifact: str, out: str, cfg: HealConfig, calibration=None, *,
                   resume: bool = False, overwrite: bool = False, progress: bool = True, verify: bool = True,
                   trust_remote_code: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Heal the artifact at ``artifact`` into a new artifact ``out`` (atomic; ``rd.load``, eval, export read it
-    unchanged). ``calibration``: a CalibrationConfig (default: the artifact's own, so eval's held-out documents
-    stay unseen). The checkpoint ``<out>.heal-checkpoint.pt`` is removed once ``out`` is written."""
+    unchanged). ``calibration``: a CalibrationConfig (default: the artifact's own); its seed and held-out fraction
+    must be the artifact's, so training reads only calibration documents and eval's held-out documents stay
+    unseen. Sources healing adds are recorded as calibration sources of ``out`` (eval then holds their documents
+    out too, and never counts them as never-calibrated). The dense teacher is the artifact's source model (or
+    ``dense_spec``), checked by fingerprint. The checkpoint ``<out>.heal-checkpoint.pt`` is removed once ``out``
+    is written."""
     from ..artifact import load_artifact, read_manifest, save_artifact
     from ..config import CalibrationConfig
     from ..models import check_same_model, dense_source, load_model
     from ..safe_io import check_output
     from .pipeline import prepare_calibration
     manifest = read_manifest(artifact)
+    if os.path.realpath(out) == os.path.realpath(artifact):
+        raise HealError(f"--out {out} is the input artifact; healing writes a new artifact: choose another --out")
     check_healable(manifest, artifact)
+    own = CalibrationConfig.from_dict(manifest["calibration"]["config"])
+    cal = calibration or own
+    if (cal.seed, cal.heldout_fraction) != (own.seed, own.heldout_fraction):
+        raise HealError(f"the healing calibration must split documents like {artifact!r} (seed {own.seed}, held-out "
+                        f"fraction {own.heldout_fraction}), else it would train on eval's held-out documents")
     src = dense_spec or dense_source(manifest, artifact)
     check_output(out, overwrite, kind="artifact", inputs=[artifact])
+    ckpt = os.path.abspath(out).rstrip(os.sep) + ".heal-checkpoint.pt"
+    if not resume and os.path.isfile(ckpt) and log:
+        log(f"note: {ckpt} is left from an earlier run; starting afresh (pass --resume to continue it)")
     model, tokenizer, manifest = load_artifact(artifact, verify=verify, trust_remote_code=trust_remote_code,
                                                need_tokenizer=True)
     dense = load_model(src, trust_remote_code=trust_remote_code)
-    check_same_model(manifest, dense, artifact)
-    cal = calibration or CalibrationConfig.from_dict(manifest["calibration"]["config"])
+    check_same_model(manifest, dense, artifact)     # never distil from another model than the one compressed
     cal = CalibrationConfig.from_dict({**cal.to_dict(), "seq_len": max(cal.seq_len, cfg.seq_len)})
     data = prepare_calibration(tokenizer, cal, dense.model)
     key = f"{(manifest.get('files') or {}).get('factors.safetensors', {}).get('sha256', '')}:{data.info['calib_sha256_16']}"
-    ckpt = os.path.abspath(out).rstrip(os.sep) + ".heal-checkpoint.pt"
     result = heal_model(model, dense.model, data.calib.ids, cfg, checkpoint=ckpt, resume=resume, key=key,
                         progress=progress, log=log)
     record = {"config": cfg.to_dict(), "from_artifact": os.path.abspath(artifact),
               "calibration": {k: data.info[k] for k in ("config", "calib_samples", "calib_sha256_16")},
-              "steps": result["steps"], "tokens": result["tokens"], "seconds": result["seconds"],
-              "loss_first": result["losses"][0], "loss_last": result["losses"][-1], "loss_curve": result["losses"]}
+              "sequences": result["sequences"], "steps": result["steps"], "tokens": result["tokens"],
+              "seconds": result["seconds"], "loss_first": result["losses"][0], "loss_last": result["losses"][-1],
+              "loss_curve": result["losses"]}
+    if manifest.get("heal"):        # healing a healed artifact: keep the chain (without the older loss curves)
+        record["previous"] = {k: v for k, v in manifest["heal"].items() if k != "loss_curve"}
     new = {k: v for k, v in manifest.items() if k not in ("files", "format", "format_version", "tied",
                                                           "architecture", "architecture_kwargs")}
+    added = [s for s in cal.sources if s not in own.sources]
+    if added:                       # eval holds these sources' documents out and never calls them never-calibrated
+        new["calibration"] = {**manifest["calibration"],
+                              "config": {**manifest["calibration"]["config"], "sources": [*own.sources, *added]},
+                              "heal_added_sources": added}
     new["heal"] = record
     extra = {}
     for name in os.listdir(artifact):

@@ -45,14 +45,17 @@ class CalibrationData:
     heldout: TokenSplit
     info: dict[str, Any]
     extra_files: dict[str, str] = dataclasses.field(default_factory=dict)   # saved into the artifact
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)     # selfgen (sampling), calibration (text)
 
 
 def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def source_documents(src: str, cal: CalibrationConfig, model, tokenizer, n_calib: int, n_eval: int):
-    """Documents of one calibration source; ``selfgen`` is sampled from ``model`` (cached)."""
+def source_documents(src: str, cal: CalibrationConfig, model, tokenizer, n_calib: int, n_eval: int,
+                     progress: bool = False):
+    """Documents of one calibration source; ``selfgen`` is sampled from ``model`` (cached; a bar of sequences
+    on stderr while sampling when ``progress``)."""
     if src != "selfgen":
         return load_source(src), {}
     if model is None:
@@ -60,13 +63,17 @@ def source_documents(src: str, cal: CalibrationConfig, model, tokenizer, n_calib
     from rocket_deploy.selfgen import selfgen_documents
     h = cal.heldout_fraction
     n_docs = int(math.ceil(max(n_calib / (1 - h), n_eval / h))) + 2
-    docs, path = selfgen_documents(model, tokenizer, n_docs, cal.seq_len, cal.seed)
+    docs, path = selfgen_documents(model, tokenizer, n_docs, cal.seq_len, cal.seed, progress=progress)
     return docs, {"selfgen_cache": path, "selfgen_docs": len(docs)}
 
 
-def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig(), model=None) -> CalibrationData:
+def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig(), model=None,
+                        progress: bool = False) -> CalibrationData:
     """Read the sources, split each one's documents into disjoint calibration / held-out sets, and cut token
-    chunks; every source gets an equal share of the samples (a mixed corpus by default)."""
+    chunks; every source gets an equal share of the samples (a mixed corpus by default). ``seconds`` of the
+    result: ``selfgen`` (sampling the model, ~0 when cached) and ``calibration`` (everything else)."""
+    t0 = time.perf_counter()
+    t_selfgen = 0.0
     sources = list(cal.sources)
     if model is not None:
         check_seq_len(model, cal.seq_len)          # longer than the model's positions: garbage activations
@@ -80,7 +87,10 @@ def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig(),
     calib_n, eval_n = _shares(cal.samples, n), _shares(cal.eval_samples, n)
     calib_parts, held_parts, per_source, extra = [], [], {}, {}
     for i, src in enumerate(sources):
-        docs, meta = source_documents(src, cal, model, tokenizer, calib_n[i], eval_n[i])
+        ts = time.perf_counter()
+        docs, meta = source_documents(src, cal, model, tokenizer, calib_n[i], eval_n[i], progress)
+        if src == "selfgen":
+            t_selfgen += time.perf_counter() - ts
         if not docs:
             raise CorpusError(f"calibration source {src!r} gave no text; pass --calib FILE with your own text")
         info.update(meta)
@@ -104,7 +114,8 @@ def prepare_calibration(tokenizer, cal: CalibrationConfig = CalibrationConfig(),
     info.update({"sources": per_source, "calib_samples": int(calib.ids.shape[0]), "calib_tokens": calib.n_tokens,
                  "calib_sha256_16": fingerprint(calib.ids), "heldout_samples": int(held.ids.shape[0]),
                  "heldout_tokens": held.n_tokens, "heldout_sha256_16": fingerprint(held.ids)})
-    return CalibrationData(calib, held, info, extra)
+    seconds = {"selfgen": round(t_selfgen, 2), "calibration": round(time.perf_counter() - t0 - t_selfgen, 2)}
+    return CalibrationData(calib, held, info, extra, seconds)
 
 
 def _progress_cb(enabled: bool, total: int):
@@ -119,16 +130,28 @@ def _progress_cb(enabled: bool, total: int):
 def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketConfig(),
             calibration: CalibrationConfig = CalibrationConfig(), data: CalibrationData | None = None,
             cache_dir: str | None = None, progress: bool = True, device: str = "cpu") -> Profile:
-    """Calibrate and profile every target layer over the (rank, keep) grid. Reuse the result for many budgets."""
+    """Calibrate and profile every target layer over the (rank, keep) grid. Reuse the result for many budgets.
+
+    ``device`` (cpu, cuda, cuda:N) runs the sensitivity pass, the Grams (float64), the eigendecompositions and
+    the candidates there; the weights stay on the CPU, one block at a time on the device (:mod:`.calibration`).
+    The stage times and the device are kept in ``profile.run_info`` and in ``timings.json`` of the cache."""
+    from rocket_deploy.devices import resolve_device
+    device = resolve_device(device)
     targets = select_targets(model, config.targets, config.exclude)
-    data = data or prepare_calibration(tokenizer, calibration, model)
-    owned = cache_dir is None
-    cache_dir = cache_dir or tempfile.mkdtemp(prefix="rocket-profile-")
-    cb, bar = _progress_cb(progress, len(targets))
+    data = data or prepare_calibration(tokenizer, calibration, model, progress=progress)
+    from .distributed import shared_temp_dir, world
+    main = world().main           # torchrun: rank 0 owns the temporary cache, runs the model, shows progress
+    owned = cache_dir is None and main
+    cache_dir = cache_dir or shared_temp_dir("rocket-profile-")
+    bar = None
     try:
         sens = None
-        if is_causal_lm(model):      # one backward pass: enables the "fisher" objective for this profile
-            sens = output_sensitivity(model, targets, data.calib.ids, calibration.batch_size // 2 or 1, device)
+        t0 = time.perf_counter()
+        if is_causal_lm(model) and main:   # one backward pass: enables the "fisher" objective for this profile
+            sens = output_sensitivity(model, targets, data.calib.ids, calibration.batch_size // 2 or 1, device,
+                                      progress=progress)
+        t_sens = time.perf_counter() - t0
+        cb, bar = _progress_cb(progress and main, len(targets))     # after the sensitivity pass has its own bar
         prof = profile_model(model, targets, data.calib.ids, config, cache_dir,
                              batch_size=calibration.batch_size, device=device, progress=cb,
                              calibration_info={**data.info, "model_fingerprint": model_fingerprint(model)},
@@ -138,14 +161,38 @@ def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = Rocket
             shutil.rmtree(cache_dir, ignore_errors=True)
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     prof.owned = owned
+    prof.run_info = {"device": str(device),
+                     "seconds": {"sensitivity": round(t_sens, 2), "profile": round(prof.seconds, 2)}}
+    if main:
+        _write_json(os.path.join(cache_dir, TIMINGS_FILE), prof.run_info)
     if owned:       # a temporary cache lives as long as the Profile object
         weakref.finalize(prof, shutil.rmtree, cache_dir, True)
     return prof
 
 
 profile = run_profile  # public name: rocket_deploy.profile
+
+TIMINGS_FILE = "timings.json"       # beside profile.json: how long the profile took, on which device
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _saved_run_info(prof: Profile) -> dict:
+    """``run_info`` of a profile loaded from its directory (``timings.json``; older ones: ``profile.json``'s
+    seconds, the sensitivity pass not timed)."""
+    try:
+        with open(os.path.join(prof.cache_dir, TIMINGS_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"seconds": {"profile": round(prof.seconds, 2)}}
 
 
 def load_or_profile(model: torch.nn.Module, tokenizer, config: RocketConfig, calibration: CalibrationConfig,
@@ -165,6 +212,8 @@ def load_or_profile(model: torch.nn.Module, tokenizer, config: RocketConfig, cal
         if why is None:
             if log:
                 log(f"reusing profile in {profile_dir}")
+            prof.reused = True          # the manifest says "profile: reused" and keeps the original seconds
+            prof.run_info = _saved_run_info(prof)
             return prof
         if log:
             log(f"profile in {profile_dir} cannot be reused ({why}); profiling again")
@@ -198,9 +247,10 @@ def place_factorization(model: torch.nn.Module, name: str, lin: torch.nn.Linear,
     u = u.to(storage).to(lin.weight.dtype)
     v = v.to(storage).to(lin.weight.dtype)
     bias = lin.bias.detach().to(storage).to(lin.weight.dtype) if lin.bias is not None else None
-    new = RocketLinear.from_factors(u, v, f.keep_mask, bias, dtype=lin.weight.dtype)
-    set_module(model, name, new.to(lin.weight.device))
-    w = weight_in_out(lin).double().cpu()
+    home = lin.weight.device        # the factors may come from another device (compress --device)
+    new = RocketLinear.from_factors(u.to(home), v.to(home), f.keep_mask.to(home), bias, dtype=lin.weight.dtype)
+    set_module(model, name, new.to(home))
+    w = weight_in_out(lin).double().to(u.device)
     dw = w - (u.double() @ v.double())
     s = eb.s
     return dict(kind="rocket", rank=f.rank, keep=f.keep,
@@ -234,10 +284,20 @@ def round_untouched(model: torch.nn.Module, config: RocketConfig) -> None:
                 t.data.copy_(t.data.to(storage).to(t.dtype))
 
 
+def _eigenbasis_on(eb, device: torch.device):
+    """``eb`` with its tensors on ``device`` (the factorization then runs there)."""
+    if device.type == "cpu":
+        return eb
+    return dataclasses.replace(eb, **{f.name: getattr(eb, f.name).to(device) for f in dataclasses.fields(eb)
+                                      if isinstance(getattr(eb, f.name), torch.Tensor)})
+
+
 def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, LayerOption | None],
                 config: RocketConfig, inplace: bool = False, progress: bool = True,
-                calib_ids: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict]:
+                calib_ids: torch.Tensor | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Replace chosen layers by RocketLinear (factors rounded to the storage dtype, as deployed).
+    ``device``: where the factorizations (and refits) run; the model stays where it is. Quantized layers and
+    error propagation run on the model's device.
 
     Untouched floating-point tensors are rounded to the storage dtype too, so the returned model computes
     exactly what the saved artifact loads back to. ``config.error_propagation`` refits every chosen layer to the
@@ -250,6 +310,7 @@ def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, Laye
         return materialize_propagated(model, profile, choice, config, calib_ids, inplace=inplace)
     if not inplace:
         model = copy.deepcopy(model)
+    device = torch.device(device)
     targets = select_targets(model, config.targets, config.exclude)
     records = {}
     for name in tqdm(list(profile.layers), desc="factorize", unit="layer", disable=not progress, leave=False):
@@ -266,7 +327,7 @@ def materialize(model: torch.nn.Module, profile: Profile, choice: dict[str, Laye
         if opt is None:
             rec.update(keep_dense(lin, lp, config))
         else:
-            eb = profile.eigenbasis(name, weight_in_out(lin).cpu())
+            eb = _eigenbasis_on(profile.eigenbasis(name, weight_in_out(lin).cpu()), device)
             refit = config.method != "svd-llm"
             f = factorize(eb, opt.rank, opt.keep, config.importance_lambda, config.oversparsify, config.ridge_rel,
                           refit=refit, refit_rounds=config.refit_rounds if refit else 0)
@@ -284,16 +345,23 @@ def heldout_quality(candidate: torch.nn.Module, dense: torch.nn.Module, ids: tor
     return hidden_state_fidelity(candidate, dense, ids)["rel_l2"]
 
 
-def safeguarded(model, prof: Profile, targets, choice, config: RocketConfig, data: CalibrationData, progress: bool):
+def safeguarded(model, prof: Profile, targets, choice, config: RocketConfig, data: CalibrationData, progress: bool,
+                device: str | torch.device = "cpu", seconds: dict | None = None):
     """Materialise the knapsack allocation and uniform allocation at the same budget, keep whichever does
-    better on the held-out calibration split (never the evaluation domains)."""
+    better on the held-out calibration split (never the evaluation domains). ``seconds`` gets ``materialize``
+    (the knapsack model), ``safeguard`` (the uniform one) and ``evaluation`` (both held-out measurements)."""
+    seconds = {} if seconds is None else seconds
+    t = time.perf_counter()
     uni_choice = uniform_choice(prof, targets, config, config.budget, "rocket-uniform")
     ids = data.calib.ids
-    knap_model, knap_rec = materialize(model, prof, choice, config, progress=progress, calib_ids=ids)
-    uni_model, uni_rec = materialize(model, prof, uni_choice, config, progress=progress, calib_ids=ids)
+    knap_model, knap_rec = materialize(model, prof, choice, config, progress=progress, calib_ids=ids, device=device)
+    t, seconds["materialize"] = time.perf_counter(), round(time.perf_counter() - t, 2)
+    uni_model, uni_rec = materialize(model, prof, uni_choice, config, progress=progress, calib_ids=ids, device=device)
+    t, seconds["safeguard"] = time.perf_counter(), round(time.perf_counter() - t, 2)
     ids = data.heldout.ids
     q_knap = heldout_quality(knap_model, model, ids)
     q_uni = heldout_quality(uni_model, model, ids)
+    seconds["evaluation"] = round(time.perf_counter() - t, 2)
     use_uniform = q_uni < q_knap and sum(r["bytes"] for r in uni_rec.values()) <= prof.dense_bytes * (1 - config.budget)
     guard = {"metric": "perplexity" if is_causal_lm(model) else "hidden-state rel. L2",
              "split": "held-out calibration documents", "knapsack": q_knap, "uniform": q_uni,
@@ -316,15 +384,42 @@ def summarize(records: dict[str, dict]) -> dict[str, Any]:
 def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketConfig(),
              calibration: CalibrationConfig = CalibrationConfig(), *, out: str | None = None, overwrite: bool = False,
              profile: Profile | None = None, data: CalibrationData | None = None, inplace: bool = False,
-             progress: bool = True, source: dict | None = None, device: str = "cpu") -> CompressionResult:
-    """Compress ``model`` at ``config.budget`` (fraction of targeted bytes removed); save to ``out`` if given."""
-    t0 = time.perf_counter()
+             progress: bool = True, source: dict | None = None, device: str = "cpu",
+             started: float | None = None) -> CompressionResult:
+    """Compress ``model`` at ``config.budget`` (fraction of targeted bytes removed); save to ``out`` if given.
+
+    ``device`` (cpu, cuda, cuda:N; checked first): where calibration, profiling and the factorizations run, the
+    weights staying on the CPU (see :func:`run_profile`); recorded as the manifest's ``device``.
+    ``manifest["seconds"]``: ``selfgen`` (sampling calibration text from the model), ``calibration`` (the rest of
+    the calibration text), ``sensitivity``, ``profile`` (Grams, eigendecompositions, candidates), ``allocate``,
+    ``materialize``, ``safeguard`` (the uniform alternative), ``evaluation`` (held-out quality of both), ``save``
+    and ``total`` (wall time from ``started``, a ``time.perf_counter()`` value taken when the caller began making
+    ``data`` / ``profile`` for this artifact; default: this call). A stage whose result was passed in and made
+    before ``started`` (or with no ``started``), or a profile loaded by :func:`load_or_profile`, says
+    ``"reused"``, the profile's own seconds kept as ``profile_original``; a stage that did not run is None."""
+    from rocket_deploy.devices import resolve_device
+    t0 = time.perf_counter() if started is None else started
+    device = resolve_device(device)
     if out is not None:     # before the work: never replace what is not ours, the parent must be writable
         from rocket_deploy.safe_io import check_output
         check_output(out, overwrite, "artifact", inputs=[(source or {}).get("directory")])
+    seconds: dict[str, Any] = {}
     if data is None and profile is None:
-        data = prepare_calibration(tokenizer, calibration, model)
+        data = prepare_calibration(tokenizer, calibration, model, progress=progress)
+        seconds.update(data.seconds)
+    elif data is not None and started is not None:
+        seconds.update(data.seconds)
+    else:
+        seconds.update(selfgen="reused", calibration="reused")
     prof = profile or run_profile(model, tokenizer, config, calibration, data=data, progress=progress, device=device)
+    run_info = getattr(prof, "run_info", None) or {"seconds": {"profile": round(prof.seconds, 2)}}
+    if profile is None or (started is not None and not getattr(prof, "reused", False)):
+        seconds.update(sensitivity=run_info["seconds"].get("sensitivity"), profile=run_info["seconds"].get("profile"))
+    else:
+        seconds.update(sensitivity="reused", profile="reused", profile_original=dict(run_info["seconds"]))
+    if prof.grid.get("dense_only") and config.method != "dense-quant":
+        raise ValueError(f"the profile was made for --method dense-quant (dense quantized weights only); method "
+                         f"{config.method!r} needs a full profile: profile again with this method")
     if config.method != "dense-quant" and prof.grid.get("quantize") != config.quantize:
         raise ValueError(f"the profile was made with quantize={prof.grid.get('quantize')!r} but the config asks for "
                          f"quantize={config.quantize!r}; profile again with the same quantize setting")
@@ -332,30 +427,62 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
         raise ValueError(f"the profile was made with gram_damping={prof.grid.get('gram_damping', 0.0)!r} but the config "
                          f"asks for gram_damping={config.gram_damping!r}; profile again with the same setting")
     try:
-        t1 = time.perf_counter()
+        t = time.perf_counter()
         targets = select_targets(model, config.targets, config.exclude)
         choice, alloc_info = choose_layers(prof, targets, config)
-        t2 = time.perf_counter()
+        seconds["allocate"] = round(time.perf_counter() - t, 3)
+        seconds.update(materialize=None, safeguard=None, evaluation=None)
         if config.method == "rocket" and config.safeguard and data is not None:
-            new_model, records, guard = safeguarded(model, prof, targets, choice, config, data, progress)
+            new_model, records, guard = safeguarded(model, prof, targets, choice, config, data, progress,
+                                                    device=device, seconds=seconds)
             alloc_info["safeguard"] = guard
         else:
+            t = time.perf_counter()
             new_model, records = materialize(model, prof, choice, config, inplace=inplace, progress=progress,
-                                             calib_ids=data.calib.ids if data is not None else None)
-        t3 = time.perf_counter()
+                                             calib_ids=data.calib.ids if data is not None else None, device=device)
+            seconds["materialize"] = round(time.perf_counter() - t, 2)
         manifest = {
             "format_version": artifact_format_version(bool(config.quantize)), "method": config.method, "created_by": f"rocket-deploy {__version__}",
             "storage_dtype": config.storage_dtype, "config": config.to_dict(),
             "budget": {"target_removed_fraction": config.budget, **summarize(records)},
             "allocation": alloc_info, "calibration": prof.calibration, "source": source or {},
-            "timings_s": {"profile": round(prof.seconds, 2) if profile is None else 0.0,
-                          "allocate": round(t2 - t1, 3), "factorize": round(t3 - t2, 2)},
+            "device": str(device), **({"profile_device": run_info["device"]} if "device" in run_info else {}),
             "layers": records,
         }
         extra = data.extra_files if data is not None else {}
+        t = time.perf_counter()
         path = save_artifact(out, new_model, tokenizer, manifest, overwrite=overwrite, extra_files=extra) if out else None
-        manifest["timings_s"]["total"] = round(time.perf_counter() - t0, 2)
+        seconds["save"] = round(time.perf_counter() - t, 2) if out else None
+        seconds["total"] = round(time.perf_counter() - t0, 2)
+        manifest["seconds"] = _ordered_seconds(seconds)
+        if path:
+            _record_seconds(path, manifest["seconds"])
         return CompressionResult(new_model, manifest, prof, path)
     finally:
         if profile is None and getattr(prof, "owned", False):
             shutil.rmtree(prof.cache_dir, ignore_errors=True)
+
+
+STAGES = ("selfgen", "calibration", "sensitivity", "profile", "allocate", "materialize", "safeguard", "evaluation",
+          "save")
+
+
+def _ordered_seconds(seconds: dict) -> dict:
+    out = {k: seconds.get(k) for k in STAGES}
+    out["total"] = seconds["total"]
+    if "profile_original" in seconds:
+        out["profile_original"] = seconds["profile_original"]
+    return out
+
+
+def _record_seconds(path: str, seconds: dict) -> None:
+    """Put the final ``seconds`` (the save included) into the saved ``rocket.json`` (not among the hashed files)."""
+    from rocket_deploy.manifest import MANIFEST
+    mpath = os.path.join(path, MANIFEST)
+    with open(mpath) as f:
+        manifest = json.load(f)
+    manifest["seconds"] = seconds
+    tmp = f"{mpath}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, mpath)

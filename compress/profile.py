@@ -3,6 +3,15 @@
 Runs the model block by block (see :mod:`.calibration`); for each layer it whitens, computes one
 eigendecomposition, evaluates every candidate of the grid in float32, and stores the eigenbasis (float32,
 on disk) so that any budget can later be materialised without recalibrating: profile once, allocate many.
+
+``--method dense-quant`` needs none of that: its profile (``grid["dense_only"]``) holds only each layer's dense
+weight quantized (:attr:`LayerProfile.dense_option`) and the whitening factors -- no eigendecomposition, no
+candidates -- and no ROCKET method reuses it (:func:`profile_mismatch`).
+
+Under ``torchrun`` (:mod:`.distributed`) rank 0 runs the calibration forward passes and broadcasts each block's
+whitening factors; the block's layers are shared out among the ranks (:func:`layer_cost`), each rank writes the
+eigenbasis files of its layers into the shared ``cache_dir``, and the layer profiles are gathered so that every
+rank returns the same :class:`Profile` (docs/architecture.md, "Distributed profiling").
 """
 from __future__ import annotations
 
@@ -20,8 +29,9 @@ from rocket_deploy.config import RocketConfig
 from rocket_deploy.sparse_format import dense_weight_bytes
 from rocket_deploy.targets import block_targets, find_blocks
 
-from .calibration import GramAccumulator, capture_block_inputs
+from .calibration import GramAccumulator, block_on, capture_block_inputs, non_blocks_on
 from .candidates import candidate_grid
+from .distributed import assign, barrier, broadcast, gather, world
 from .factorize import Eigenbasis, eigenbasis, factorize, fisher_error
 from .whitening import damped_gram, inverse_upper, whitening_factor
 
@@ -74,10 +84,26 @@ class Profile:
     def dense_bytes(self) -> int:
         return sum(lp.dense_bytes for lp in self.layers.values())
 
+    @property
+    def dense_only(self) -> bool:
+        """Made for ``--method dense-quant``: dense quantized options only, no ROCKET candidates."""
+        return bool(self.grid.get("dense_only"))
+
     def eigenbasis(self, name: str, w: torch.Tensor) -> Eigenbasis:
-        """Reload a layer's eigenbasis from the cache (float64) given its original weight ``w`` (d_in x d_out)."""
-        t = load_file(os.path.join(self.cache_dir, _fname(name)))
+        """Reload a layer's eigenbasis from the cache (float64) given its original weight ``w`` (d_in x d_out).
+
+        A dense-only profile (``--method dense-quant``) computed no eigenbasis: its layers get the whitening
+        alone (``w``, ``z = S W``, ``S``, ``S^-1``) with an empty basis (rank 0), all the dense option needs."""
         g = load_file(os.path.join(self.cache_dir, _fname("group." + self.layers[name].group)))
+        if self.dense_only:
+            s64, w64 = g["s"].double(), w.double()
+            z = s64 @ w64
+            d_in, d_out = w64.shape
+            none = torch.zeros(0, dtype=torch.float64)
+            return Eigenbasis(w64, z, s64, g["s_inv"].double(), torch.zeros(d_in, 0, dtype=torch.float64),
+                              torch.zeros(0, d_out, dtype=torch.float64), none, none,
+                              float(torch.linalg.matrix_norm(w64)), float(torch.linalg.matrix_norm(z)))
+        t = load_file(os.path.join(self.cache_dir, _fname(name)))
         basis = t["basis"].double()
         coeffs = t["coeffs"].double()
         w64 = w.double()
@@ -119,8 +145,16 @@ class Profile:
         return cls(layers, cache_dir, d["calibration"], d["grid"], d.get("seconds", 0.0))
 
 
+DENSE_ONLY_KEYS = ("gram_damping", "quantize", "quant_group_size", "quant_method", "quant_act_order")
+
+
 def profile_grid(config: RocketConfig) -> dict:
-    """Every setting that changes what a profile holds (a profile is reusable only for the same grid)."""
+    """Every setting that changes what a profile holds (a profile is reusable only for the same grid).
+    ``--method dense-quant`` profiles only the dense quantized weights: its grid is ``dense_only`` and the
+    settings those depend on (:data:`DENSE_ONLY_KEYS`)."""
+    if config.method == "dense-quant":
+        full = profile_grid(config.replace(method="rocket"))
+        return {"dense_only": True, **{k: full[k] for k in DENSE_ONLY_KEYS}}
     grid = {"byte_fractions": list(config.byte_fractions), "keep_ratios": list(config.keep_ratios),
             "rank_multiple": config.rank_multiple, "importance_lambda": config.importance_lambda,
             "oversparsify": config.oversparsify, "ridge_rel": config.ridge_rel,
@@ -144,6 +178,12 @@ def profile_mismatch(profile: "Profile", config: RocketConfig, calibration_info:
     if profile.calibration.get("calib_sha256_16") != calibration_info.get("calib_sha256_16"):
         return "it was made from other calibration tokens"
     want, have = profile_grid(config), profile.grid
+    if have.get("dense_only") and not want.get("dense_only"):
+        return (f"it holds only the dense quantized weights (made for --method dense-quant); method "
+                f"{config.method!r} needs the ROCKET candidates")
+    if want.get("dense_only") and not have.get("dense_only"):
+        have = {k: have.get(k) for k in want if k != "dense_only"}      # a full profile serves dense-quant too
+        want = {k: v for k, v in want.items() if k != "dense_only"}
     diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
     if diff:
         return "its grid differs in " + ", ".join(diff)
@@ -159,6 +199,16 @@ def weight_in_out(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().t()
 
 
+def layer_candidates(d_in: int, d_out: int, config: RocketConfig):
+    """The (rank, keep) candidates profiled for a ``d_in x d_out`` layer under ``config``."""
+    fractions, bfn = config.byte_fractions, None
+    if config.quantize:     # quantized sizes and errors: the knapsack allocates for the quantized model
+        from .quant_pipeline import quant_bytes_fn, quant_fractions
+        fractions, bfn = quant_fractions(config, d_in, d_out), quant_bytes_fn(config)
+    return candidate_grid(d_in, d_out, fractions, config.keep_ratios, config.rank_multiple,
+                          **({"bytes_fn": bfn} if bfn else {}))
+
+
 def profile_layer(name: str, w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tensor, config: RocketConfig,
                   cache_dir: str, group: str, sensitivity: torch.Tensor | None = None) -> tuple[list[LayerOption], float]:
     eb = eigenbasis(w, s, s_inv)
@@ -168,12 +218,9 @@ def profile_layer(name: str, w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tens
     eb32 = eb.to(torch.float32)
     d_in, d_out = w.shape
     options = []
-    fractions, bfn = config.byte_fractions, None
-    if config.quantize:     # quantized sizes and errors: the knapsack allocates for the quantized model
-        from .quant_pipeline import quant_bytes_fn, quant_fractions, quantized_option
-        fractions, bfn = quant_fractions(config, d_in, d_out), quant_bytes_fn(config)
-    for cand in candidate_grid(d_in, d_out, fractions, config.keep_ratios, config.rank_multiple,
-                               **({"bytes_fn": bfn} if bfn else {})):
+    if config.quantize:
+        from .quant_pipeline import quantized_option
+    for cand in layer_candidates(d_in, d_out, config):
         f = factorize(eb32, cand.rank, cand.keep, config.importance_lambda, config.oversparsify, config.ridge_rel)
         if config.quantize:
             options.append(quantized_option(eb32, f, config, sensitivity))
@@ -184,56 +231,144 @@ def profile_layer(name: str, w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tens
     return options, eb.z_norm ** 2
 
 
+def layer_cost(d_in: int, d_out: int, dense_only: bool = False) -> float:
+    """Relative compute of profiling one layer, to share a block's layers out among ranks: the eigendecomposition
+    of the ``d_in x d_in`` matrix ``Z Z^T`` plus the candidate grid (~ ``d_in d_out min(d_in, d_out)``); dense-only
+    (GPTQ over the inputs) ~ ``d_in^2 d_out``. The 1/8 weight of the eigendecomposition is measured: one thread,
+    SmolLM2-135M shapes, default grid (576x192 0.25 s, 576x576 0.77 s, 576x1536 2.6 s, 1536x576 4.9 s)."""
+    if dense_only:
+        return float(d_in) * d_in * d_out
+    return float(d_in) * d_out * min(d_in, d_out) + d_in ** 3 / 8
+
+
+def _profile_one(name: str, mod: nn.Linear, gname: str, factor, config: RocketConfig, cache_dir: str,
+                 sensitivity: torch.Tensor | None, dense_only: bool) -> LayerProfile:
+    """One layer's profile from its group's whitening ``factor = (S, S^-1, jitter)``; writes its eigenbasis."""
+    s, s_inv, jitter = factor
+    dev = torch.device("cpu") if config.quantize else s.device    # eigh + candidates on the Gram's device
+    s, s_inv, w = s.to(dev), s_inv.to(dev), weight_in_out(mod).to(dev)
+    sensitivity = sensitivity.to(dev) if sensitivity is not None else None
+    if dense_only:      # --method dense-quant: the dense quantized option alone, no eigendecomposition
+        options = []
+        z_sq = float(torch.linalg.matrix_norm(s.to(torch.float64) @ w.to(torch.float64))) ** 2
+    else:
+        options, z_sq = profile_layer(name, w, s, s_inv, config, cache_dir, gname, sensitivity)
+    dense_opt = None
+    if config.quantize:
+        from .quant_pipeline import quant_dense_option
+        dense_opt = quant_dense_option(w, s, config, sensitivity)
+    return LayerProfile(name, w.shape[0], w.shape[1], mod.bias is not None,
+                        dense_weight_bytes(*w.shape), gname, jitter, z_sq, options, dense_opt)
+
+
+def _block_factors(block: nn.Module, lin: dict[str, nn.Linear], inputs, config: RocketConfig,
+                   cache_dir: str) -> tuple[dict, dict[str, str]]:
+    """Run the calibration batches through ``block`` (its outputs become ``inputs.hidden``, the next block's
+    inputs: dense propagation), whiten each input group's Gram and write its factors to the cache.
+    Returns ``({group: (S, S^-1, jitter)}, {layer: group})``."""
+    acc = GramAccumulator(lin)
+    with block_on(block, inputs.hidden[0].device), acc:      # this block alone on the calibration device
+        outs = []
+        for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            out = block(h, *a, **kw)
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+            acc.end_batch()
+    factors = {}
+    for gname, gram in acc.grams.items():
+        # Mean over tokens: the factorization is invariant to the Gram's scale, and errors become per token.
+        s, jitter = whitening_factor(damped_gram(gram / acc.tokens[gname], config.gram_damping))   # on the device
+        s_inv = inverse_upper(s)
+        factors[gname] = (s, s_inv, jitter)
+        save_file({"s": s.float().contiguous(), "s_inv": s_inv.float().contiguous()}, os.path.join(cache_dir, _fname("group." + gname)))
+    inputs.hidden = outs
+    return factors, dict(acc.group_of)
+
+
+def _check_shared(cache_dir: str, layers: dict[str, LayerProfile], dense_only: bool) -> None:
+    """Every rank sees every rank's files (the cache directory is shared), else all ranks stop with one error."""
+    names = {_fname("group." + lp.group) for lp in layers.values()}
+    if not dense_only:
+        names |= {_fname(n) for n in layers}
+    missing = sorted(n for n in names if not os.path.isfile(os.path.join(cache_dir, n)))
+    if missing:
+        raise RuntimeError(f"{missing[0]} (and {len(missing) - 1} more files), written by another rank, is not in "
+                           f"{cache_dir}: the ranks must share the profile directory (pass --profile-dir on a "
+                           "filesystem that every machine mounts)")
+
+
 @torch.no_grad()
 def profile_model(model: nn.Module, targets: dict[str, nn.Linear], calib_ids: torch.Tensor, config: RocketConfig,
                   cache_dir: str, batch_size: int = 8, device: str | torch.device = "cpu",
                   progress: Callable | None = None, calibration_info: dict | None = None,
                   sensitivity: dict[str, torch.Tensor] | None = None) -> Profile:
-    """Calibrate block by block and profile every target layer. ``calib_ids`` is ``[n, seq]`` token ids."""
+    """Calibrate block by block and profile every target layer. ``calib_ids`` is ``[n, seq]`` token ids.
+
+    Under torchrun every rank calls this with the same model and arguments and gets the same Profile; only
+    rank 0 runs the model (its ``calib_ids`` and ``sensitivity`` are the ones used) and reports ``progress``,
+    and ``cache_dir`` must be one directory that all ranks see (a shared filesystem across machines)."""
     t0 = time.perf_counter()
     os.makedirs(cache_dir, exist_ok=True)
+    wd = world()
+    dense_only = config.method == "dense-quant"
     device = torch.device(device)
     prefix, blocks = find_blocks(model, targets)
-    batches = [calib_ids[i:i + batch_size] for i in range(0, calib_ids.shape[0], batch_size)]
-    model.to(device)
-    inputs = capture_block_inputs(model, blocks[0], iter(batches), device)
+    if wd.size > 1:     # rank 0's sensitivities (from its CPU) on every rank
+        sent = broadcast({k: v.cpu() for k, v in sensitivity.items()} if wd.main and sensitivity else None)
+        sensitivity = sensitivity if wd.main else sent
+    if wd.main:
+        batches = [calib_ids[i:i + batch_size] for i in range(0, calib_ids.shape[0], batch_size)]
+        with non_blocks_on(model, blocks, device):    # offload: the weights stay on the CPU, see .calibration
+            inputs = capture_block_inputs(model, blocks[0], iter(batches), device)
     layers: dict[str, LayerProfile] = {}
+    order: list[str] = []
+    pending: list[tuple[int, str, int]] = []     # rank 0: other ranks' layers, reported at the next collective
     n_blocks = len(blocks)
+
+    def report(items):
+        for bi, name, n in items:
+            if progress:
+                progress(block=bi, n_blocks=n_blocks, layer=name, n_candidates=n)
+
     for bi, block in enumerate(blocks):
         lin = block_targets(prefix, bi, targets)
-        acc = GramAccumulator(lin)
-        with acc:
-            outs = []
-            for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs):
-                out = block(h, *a, **kw)
-                outs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
-                acc.end_batch()
-        factors = {}
-        for gname, gram in acc.grams.items():
-            # Mean over tokens: the factorization is invariant to the Gram's scale, and errors become per token.
-            s, jitter = whitening_factor(damped_gram(gram.cpu() / acc.tokens[gname], config.gram_damping))
-            s_inv = inverse_upper(s)
-            factors[gname] = (s, s_inv, jitter)
-            save_file({"s": s.float().contiguous(), "s_inv": s_inv.float().contiguous()}, os.path.join(cache_dir, _fname("group." + gname)))
+        factors, group_of = _block_factors(block, lin, inputs, config, cache_dir) if wd.main else (None, None)
+        if wd.size > 1:     # rank 0's factors, sent from its CPU; the other ranks put them on their own device
+            sent = {g: (s.cpu(), s_inv.cpu(), j) for g, (s, s_inv, j) in factors.items()} if wd.main else None
+            sent, group_of = broadcast((sent, group_of))
+            if not wd.main:
+                factors = {g: (s.to(device), s_inv.to(device), j) for g, (s, s_inv, j) in sent.items()}
+            report(pending)
+            pending = []
+        shapes = [tuple(weight_in_out(m).shape) for m in lin.values()]
+        owner = assign([layer_cost(*sh, dense_only) for sh in shapes], wd.size)
         for li, (name, mod) in enumerate(lin.items()):
-            gname = acc.group_of[name]
-            s, s_inv, jitter = factors[gname]
-            w = weight_in_out(mod).cpu()
-            options, z_sq = profile_layer(name, w, s, s_inv, config, cache_dir, gname,
-                                          sensitivity.get(name) if sensitivity else None)
-            dense_opt = None
-            if config.quantize:
-                from .quant_pipeline import quant_dense_option
-                dense_opt = quant_dense_option(w, s, config, sensitivity.get(name) if sensitivity else None)
-            layers[name] = LayerProfile(name, w.shape[0], w.shape[1], mod.bias is not None,
-                                        dense_weight_bytes(*w.shape), gname, jitter, z_sq, options, dense_opt)
-            if progress:
-                progress(block=bi, n_blocks=n_blocks, layer=name, n_candidates=len(options))
-        inputs.hidden = outs     # dense propagation: the next block sees the original model's activations
-        del acc, factors
+            order.append(name)
+            if owner[li] != wd.rank:
+                if wd.main:
+                    pending.append((bi, name, 1 if dense_only else len(layer_candidates(*shapes[li], config))))
+                continue
+            gname = group_of[name]
+            lp = _profile_one(name, mod, gname, factors[gname], config, cache_dir,
+                              sensitivity.get(name) if sensitivity else None, dense_only)
+            layers[name] = lp
+            if wd.main:
+                report([(bi, name, 1 if dense_only else len(lp.options))])
+        del factors
+    seconds = None
+    if wd.size > 1:
+        parts = gather(layers)
+        merged = {n: lp for part in parts for n, lp in part.items()}
+        layers = {n: merged[n] for n in order}
+        report(pending)
+        seconds = broadcast(time.perf_counter() - t0)
+        _check_shared(cache_dir, layers, dense_only)
     grid = profile_grid(config)
-    if sensitivity:
-        save_file({k: v.contiguous() for k, v in sensitivity.items()}, os.path.join(cache_dir, "sensitivity.safetensors"))
-    prof = Profile(layers, cache_dir, calibration_info or {}, grid, time.perf_counter() - t0)
-    prof.save()
+    if wd.main:
+        if sensitivity:
+            save_file({k: v.contiguous() for k, v in sensitivity.items()}, os.path.join(cache_dir, "sensitivity.safetensors"))
+    prof = Profile(layers, cache_dir, calibration_info or {}, grid,
+                   time.perf_counter() - t0 if seconds is None else seconds)
+    if wd.main:
+        prof.save()
+    barrier()
     return prof

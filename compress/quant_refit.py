@@ -16,7 +16,7 @@ COLUMN_CHUNK = 256
 def _chol_solve(g: torch.Tensor, b: torch.Tensor, ridge_rel: float) -> torch.Tensor:
     """Solve ``(g + mu I) x = b`` for a batch of SPD ``g [..., k, k]``, ``b [..., k]``; mu grows on failure."""
     k = g.shape[-1]
-    eye = torch.eye(k, dtype=g.dtype)
+    eye = torch.eye(k, dtype=g.dtype, device=g.device)
     diag = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
     for eps in (ridge_rel, 1e-8, 1e-6, 1e-4, 1e-2):
         lo, info = torch.linalg.cholesky_ex(g + eps * diag * eye)
@@ -38,11 +38,11 @@ def refit_v_on_support(a: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, rid
     if not bool((mask.sum(0) == keep).all()):
         raise ValueError("V refit needs the same number of kept entries in every column of V")
     idx = mask.t().nonzero()[:, 1].view(d_out, keep)    # kept rows per column, increasing
-    v = torch.zeros(r, d_out, dtype=a.dtype)
+    v = torch.zeros(r, d_out, dtype=a.dtype, device=a.device)
     for c0 in range(0, d_out, chunk):
         ix = idx[c0:c0 + chunk]                          # [c, k]
         gs = g[ix[:, :, None], ix[:, None, :]]           # [c, k, k]
-        cols = torch.arange(c0, c0 + ix.shape[0])
+        cols = torch.arange(c0, c0 + ix.shape[0], device=ix.device)
         bs = b[ix, cols[:, None]]                        # [c, k]
         v[ix, cols[:, None]] = _chol_solve(gs, bs, ridge_rel)
     return v

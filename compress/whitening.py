@@ -27,7 +27,7 @@ def whitening_factor(gram: torch.Tensor, max_tries: int = 10) -> tuple[torch.Ten
     g = gram.to(torch.float64)
     g = 0.5 * (g + g.t())
     scale = float(torch.diagonal(g).mean().clamp_min(1e-30))
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     jitter = 0.0
     for attempt in range(max_tries + 1):
         L, info = torch.linalg.cholesky_ex(g + jitter * eye)

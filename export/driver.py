@@ -1,12 +1,15 @@
 """The torch -> ONNX driver: ``torch.onnx.export(dynamo=True)`` with the custom ops' translations, quiet logs, the
 optimizer that keeps quantized codes, and the target passes on the resulting ``onnx_ir`` model.
 
-* :func:`trace` -- one module + example inputs -> ``onnx_ir.Model`` (opset 18);
+* :func:`trace` -- one module + example inputs -> ``onnx_ir.Model`` (opset 18, or the requested one: checked);
 * :func:`finish_graph` -- the target's passes: ``ort`` lowers the plugin nodes to standard ops and stores exact-fp16
   weights as fp16; ``trt`` rewrites int4 ``MatMulNBits`` and moves the plugin nodes into the requested domain;
   both drop the per-node debugging metadata unless asked to keep it;
 * :func:`export_layer` -- one ROCKET / quantized / plain layer through the same path (its stand-in, the same
   translations, optimizer and passes): the single-layer graphs of the tests and of bench/bench_quant_ops.py.
+
+``progress`` (a callable taking one line, or None) gets a line as each step starts: tracing, optimising, the
+target's passes, stripping metadata.
 """
 from __future__ import annotations
 
@@ -14,17 +17,24 @@ import contextlib
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from rocket_deploy.onnx_contract import DIM_BATCH, DIM_SEQ, ONNX_DOMAIN, OPSET
 
-from .options import DTYPES, check_options, quant_export_settings
+from .options import DTYPES, ExportError, check_opset, check_options, quant_export_settings
 from .stand_ins import stand_in
 
 LAYER_INPUT, LAYER_OUTPUT = "x", "y"        # I/O names of the single-layer graphs of :func:`export_layer`
+Progress = Callable[[str], None]
+
+
+def stage(progress: Progress | None, line: str) -> None:
+    """One progress line (nothing when ``progress`` is None)."""
+    if progress is not None:
+        progress(line)
 
 
 def translation_table() -> dict:
@@ -63,11 +73,15 @@ def _keep_quantized_codes(node) -> bool | None:
     return None
 
 
-def _optimize_keeping_codes(model) -> None:
-    """What ``torch.onnx.export(optimize=True)`` runs, with :func:`_keep_quantized_codes`."""
+def optimize_graph(model, quantized: bool = False) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs (onnxscript's ``optimize_ir`` + the ONNX fusions); quantized
+    graphs with :func:`_keep_quantized_codes`."""
     import onnxscript
     import onnxscript.rewriter.onnx_fusions
-    onnxscript.optimizer.optimize_ir(model, should_fold=_keep_quantized_codes)
+    if quantized:
+        onnxscript.optimizer.optimize_ir(model, should_fold=_keep_quantized_codes)
+    else:
+        onnxscript.optimizer.optimize_ir(model)
     onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
@@ -85,9 +99,18 @@ def strip_node_metadata(model) -> int:
 
 
 def trace(module: nn.Module, args: tuple, *, dynamic_shapes, input_names: list[str], output_names: list[str],
-          quantized: bool = False, verbose: bool = False):
-    """``torch.onnx.export(dynamo=True)`` of ``module(*args)`` at :data:`OPSET` -> the ``onnx_ir.Model``. Quantized
-    graphs are optimized with :func:`_keep_quantized_codes` (the file keeps the codes as stored)."""
+          quantized: bool = False, verbose: bool = False, opset: int | None = None,
+          progress: Progress | None = None):
+    """``torch.onnx.export(dynamo=True)`` of ``module(*args)`` at ``opset`` (default :data:`OPSET`), then
+    :func:`optimize_graph` -> the ``onnx_ir.Model``. Quantized graphs are optimized with
+    :func:`_keep_quantized_codes` (the file keeps the codes as stored). Raises :class:`ExportError` when the graph
+    does not come out at the requested opset (the exporter's version conversion failed)."""
+    check_opset(opset)
+    want = OPSET if opset is None else int(opset)
+    where = next((str(p.device) for p in module.parameters()), "cpu")
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in module.parameters() if p.is_floating_point()})
+    stage(progress, f"tracing with torch.onnx.export (dynamo, opset {want}, {'/'.join(dtypes) or 'no float'} "
+                    f"weights, on {where})")
     onnx_log = logging.getLogger("torch.onnx")
     old_level = onnx_log.level
     with torch.no_grad(), warnings.catch_warnings(), attn_implementation(module, "sdpa"), \
@@ -98,33 +121,56 @@ def trace(module: nn.Module, args: tuple, *, dynamic_shapes, input_names: list[s
             onnx_log.setLevel(logging.ERROR)
             stack.callback(onnx_log.setLevel, old_level)
         prog = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                 input_names=input_names, output_names=output_names, opset_version=OPSET,
+                                 input_names=input_names, output_names=output_names, opset_version=want,
                                  custom_translation_table=translation_table(), verbose=verbose,
-                                 report=False, optimize=not quantized)
-        if quantized:
-            _optimize_keeping_codes(prog.model)
-    return prog.model
+                                 report=False, optimize=False)
+    model = prog.model
+    got = model.opset_imports.get("", OPSET)
+    if got != want:
+        raise ExportError(f"the exporter could not convert the graph to opset {want} (it is at opset {got}); "
+                          f"export with --opset {got} or the default {OPSET}")
+    stage(progress, "optimising the graph (constant folding, fusions" +
+          (", quantized codes kept as stored)" if quantized else ")"))
+    optimize_graph(model, quantized)
+    return model
 
 
 def finish_graph(ir_model, target: str, dtype: str, *, quantized: bool = False, merge: str = "auto",
                  weights_fp16: bool = True, plugin_domain: str = ONNX_DOMAIN,
-                 debug_metadata: bool = False) -> dict[str, Any]:
-    """The target's passes over a traced graph (see the module doc). Returns what they did."""
+                 debug_metadata: bool = False, opset: int | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """The target's passes over a traced graph (see the module doc). Returns what they did. ``opset``: the opset
+    asked for explicitly; a pass that needs a higher one (int4 / fp8 on the trt target) then raises
+    :class:`ExportError` instead of raising the opset silently."""
     from .lowering import lower_rocket_nodes, rocket_nodes, store_weights_fp16
-    stats: dict[str, Any] = {"rocket_nodes": len(rocket_nodes(ir_model.graph)), "opset": OPSET}
+    n_rocket = len(rocket_nodes(ir_model.graph))
+    stats: dict[str, Any] = {"rocket_nodes": n_rocket, "opset": ir_model.opset_imports.get("", OPSET)}
     if target == "ort":
+        stage(progress, f"lowering the custom op: {n_rocket} RocketSparseVMatMul node(s) -> standard ops "
+                        f"(merge {merge})")
         stats["lowering"] = lower_rocket_nodes(ir_model, merge=merge)
         if weights_fp16 and dtype == "fp32":
+            stage(progress, "storing exact-fp16 weights as fp16")
             stats["storage"] = store_weights_fp16(ir_model)
     else:
         if quantized:
+            stage(progress, "preparing quantized layers for TensorRT (DequantizeLinear, opset)")
             from .trt_graph import prepare_trt_graph
             stats["trt_quant"] = prepare_trt_graph(ir_model)
             stats["opset"] = stats["trt_quant"]["opset"]
+            if opset is not None and stats["opset"] != int(opset):
+                raise ExportError(f"the trt graph of this quantized model needs opset {stats['opset']} "
+                                  f"(quantized DequantizeLinear); drop --opset or use --opset {stats['opset']}")
+        stage(progress, f"keeping the custom op: {n_rocket} RocketSparseVMatMul node(s) in domain {plugin_domain}")
         from .trt_graph import set_plugin_domain
         set_plugin_domain(ir_model, plugin_domain)
         stats["plugin_domain"] = plugin_domain
+        if target == "ort-packed":          # fp16 weights kept fp16 for the ONNX Runtime custom-op library
+            stage(progress, "keeping exact-fp16 weights fp16 (RocketMatMulF16, fp16 V values)")
+            from .trt_graph import pack_for_ort
+            stats["ort_packed"] = pack_for_ort(ir_model)
     if not debug_metadata:
+        stage(progress, "stripping the exporter's per-node metadata")
         stats["stripped_metadata_bytes"] = strip_node_metadata(ir_model)
     return stats
 

@@ -1,14 +1,20 @@
-"""What an export may be asked for, checked before any tracing: target, dtype, plugin domain and the settings of
-quantized layers. Every refusal is an :class:`ExportError` naming the fix."""
+"""What an export may be asked for, checked before any tracing: target, dtype, opset, trace device, validation
+tolerances, plugin domain and the settings of quantized layers (:class:`ExportOptions` holds them). Every refusal is
+an :class:`ExportError` naming the fix."""
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 from torch import nn
 
-from rocket_deploy.onnx_contract import EXPORT_DTYPES, EXPORT_TARGETS, ONNX_DOMAIN, PLUGIN_DOMAINS
+from rocket_deploy.onnx_contract import EXPORT_DTYPES, EXPORT_TARGETS, ONNX_DOMAIN, OPSET, PLUGIN_DOMAINS
 
 TARGETS = EXPORT_TARGETS
-DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.float16)))
+DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
+DEVICES = ("cpu", "cuda")
+MERGES = ("auto", "never", "always")
 INT8_COMPUTE = ("weight-only", "dynamic")
 INT4_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_INT4_ACCURACY_LEVEL = 4
@@ -16,6 +22,44 @@ DEFAULT_INT4_ACCURACY_LEVEL = 4
 
 class ExportError(RuntimeError):
     """The export or its validation failed; the message says why and what to change."""
+
+
+def supported_opsets() -> range:
+    """The default-domain opsets the exporter can write: from the one torchlib implements the aten ops in
+    (:data:`OPSET`, 18; ``torch.onnx.export`` only *tries* to convert below it and silently keeps 18 when that fails)
+    up to the highest the onnxscript version converter supports and the installed ``onnx`` knows."""
+    import onnx
+    try:
+        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET as conv_max
+    except ImportError:                      # another onnxscript layout: the onnx package's own bound only
+        conv_max = onnx.defs.onnx_opset_version()
+    return range(OPSET, min(int(conv_max), int(onnx.defs.onnx_opset_version())) + 1)
+
+
+def check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    ok = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
+        raise ExportError(f"--opset {opset} is not supported by this exporter: use {ok.start}..{ok.stop - 1} "
+                          f"(torch.onnx.export writes opset {OPSET} and converts upward; default {OPSET})")
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ExportError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else f"torch (CUDA {torch.version.cuda}) sees no GPU")
+        raise ExportError(f"--device cuda needs a CUDA GPU, but {why}; export with --device cpu (the default) or "
+                          f"see `rocket-deploy doctor`")
+
+
+def check_tolerance(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ExportError(f"--{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_options(target: str, dtype: str, plugin_domain: str = ONNX_DOMAIN) -> None:
@@ -30,6 +74,58 @@ def check_options(target: str, dtype: str, plugin_domain: str = ONNX_DOMAIN) -> 
     if target != "trt" and plugin_domain != ONNX_DOMAIN:
         raise ExportError(f"--plugin-domain {plugin_domain} applies to --target trt only (the ort graph has no "
                           f"plugin node); drop it or export with --target trt")
+    if target == "ort-packed" and dtype != "fp32":
+        raise ExportError(f"--target ort-packed computes in fp32 with fp16 weights (the CPU custom-op library takes "
+                          f"float32 activations); drop --dtype {dtype} or export with --target ort / trt")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """Every knob of :func:`rocket_deploy.export.export_model`, checked on construction (:class:`ExportError`).
+
+    * ``target`` / ``dtype`` / ``plugin_domain``: see :func:`check_options`; ``dtype`` "bf16" carries the float
+      weights and activations in bfloat16 (see docs/export.md for how such graphs are validated);
+    * ``opset``: default-domain opset of the graph (None: :data:`OPSET`), one of :func:`supported_opsets`;
+    * ``device``: where the model is traced ("cpu", or "cuda" when torch sees a GPU); the file is the same;
+    * ``atol`` / ``rtol``: validation bounds replacing the dtype's defaults
+      (:data:`rocket_deploy.export.validate.TOLERANCES`); None keeps the default;
+    * ``merge`` / ``weights_fp16`` (ort target), ``int8_compute`` / ``int4_accuracy_level`` (quantized artifacts),
+      ``debug_metadata``: as documented on ``export_model``.
+    """
+    target: str = "ort"
+    dtype: str = "fp32"
+    opset: int | None = None
+    device: str = "cpu"
+    atol: float | None = None
+    rtol: float | None = None
+    plugin_domain: str = ONNX_DOMAIN
+    merge: str = "auto"
+    weights_fp16: bool = True
+    int8_compute: str = "weight-only"
+    int4_accuracy_level: int | None = None
+    debug_metadata: bool = False
+
+    def __post_init__(self):
+        check_options(self.target, self.dtype, self.plugin_domain)
+        check_opset(self.opset)
+        check_device(self.device)
+        check_tolerance("atol", self.atol)
+        check_tolerance("rtol", self.rtol)
+        if self.merge not in MERGES:
+            raise ExportError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.int8_compute not in INT8_COMPUTE:
+            raise ExportError(f"int8_compute must be one of {INT8_COMPUTE}, got {self.int8_compute!r}")
+        if self.int4_accuracy_level is not None and self.int4_accuracy_level not in INT4_ACCURACY_LEVELS:
+            raise ExportError(f"int4_accuracy_level must be one of {INT4_ACCURACY_LEVELS}, "
+                              f"got {self.int4_accuracy_level!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def graph_opset(self) -> int:
+        return OPSET if self.opset is None else int(self.opset)
 
 
 def is_quantized_model(model: nn.Module) -> bool:
@@ -60,6 +156,12 @@ def quant_export_settings(model: nn.Module, target: str, dtype: str, int8_comput
         raise ExportError(f"int4_accuracy_level must be one of {INT4_ACCURACY_LEVELS}, got {int4_accuracy_level!r}")
     if not is_quantized_model(model):
         return {}
+    if dtype == "bf16":
+        raise ExportError("--dtype bf16 is not supported for quantized artifacts (their int8 / fp8 / int4 export "
+                          "paths compute in fp32 or fp16); export them with --dtype fp16 or fp32")
+    if target == "ort-packed":
+        raise ExportError("--target ort-packed runs unquantized ROCKET artifacts (fp16 weights kept fp16); export "
+                          "a quantized artifact with --target ort or --target trt")
     fmts, weight_fmts, v_fmts = _formats(model)
     if target == "trt":
         if int8_compute != "weight-only" or int4_accuracy_level not in (None, 0):

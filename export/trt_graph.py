@@ -5,13 +5,20 @@
   default-domain opset is raised to what the graph needs;
 * :func:`set_plugin_domain` -- moves the ``RocketSparseVMatMul`` nodes into another domain of
   :data:`rocket_deploy.onnx_contract.PLUGIN_DOMAINS` (``trt.plugins`` for ONNX Runtime's TensorRT execution
-  provider, which only hands nodes of that domain to TensorRT plugins).
+  provider, which only hands nodes of that domain to TensorRT plugins);
+* :func:`pack_for_ort` -- the ``ort-packed`` target (ONNX Runtime CPU + the ``plugins_ort`` custom-op library, not a
+  TensorRT graph): every fp32 weight that is exactly fp16 stays fp16 in the file AND in memory -- ``MatMul`` by a
+  weight becomes ``rocket.RocketMatMulF16`` (weight stored [out, in], as a torch Linear), the ``RocketSparseVMatMul``
+  values become fp16, an embedding ``Gather`` reads the fp16 table and casts the gathered rows; nothing is left for
+  ONNX Runtime's constant folding to upcast at session start. Compute stays fp32 (fp32 accumulation);
+* :func:`unpack_for_validation` -- the inverse, in standard ops, for the export's validation session.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from rocket_deploy.onnx_contract import MS_DOMAIN, ONNX_DOMAIN, ONNX_OP, OP_OPSET_VERSION, OPSET, PLUGIN_DOMAINS
+from rocket_deploy.onnx_contract import (F16_MATMUL_OP, MS_DOMAIN, ONNX_DOMAIN, ONNX_OP, OP_OPSET_VERSION, OPSET,
+                                         PLUGIN_DOMAINS, VALUE_TYPE_SAME)
 
 TRT_INT4_OPSET = 21        # DequantizeLinear with INT4 input and block_size
 TRT_FP8_OPSET = 19         # DequantizeLinear / Cast with float8, float16 scales
@@ -132,3 +139,151 @@ def set_plugin_domain(model, domain: str) -> int:
             imports.pop(ONNX_DOMAIN, None)
             imports[domain] = OP_OPSET_VERSION
     return moved
+
+
+PACK_MIN_ELEMENTS = 1024   # smaller MatMul / Gather weights are left to ONNX Runtime's fp32 kernels
+
+
+def _exact_fp16(value, min_elements: int) -> np.ndarray | None:
+    """The fp16 copy of an fp32 initializer whose every value is exactly an fp16 value (None otherwise)."""
+    import onnx_ir as ir
+    if value is None or not value.is_initializer() or value.dtype != ir.DataType.FLOAT or value.const_value is None \
+            or value.is_graph_input() or value.is_graph_output():
+        return None
+    arr = value.const_value.numpy()
+    if arr.size < min_elements:
+        return None
+    half = arr.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), arr, equal_nan=True) else None
+
+
+def pack_for_ort(model, min_elements: int = PACK_MIN_ELEMENTS) -> dict:
+    """The ``ort-packed`` pass over a trt-target graph of an unquantized model (see the module doc):
+
+    * ``MatMul(x, W)`` with ``W`` an fp32 initializer ``[K, N]`` (or ``Transpose(E)`` of one ``[N, K]``: the tied
+      lm_head) that is exactly fp16 -> ``RocketMatMulF16(x, W^T fp16 [N, K])``;
+    * ``RocketSparseVMatMul`` (value_type 0): exact-fp16 ``values`` -> fp16; a dense V (``keep == rank``: the
+      mask keeps every row, ``values [out, rank]`` is ``V^T``) -> ``RocketMatMulF16(t, values fp16)``;
+    * ``Gather(E, ids)`` (axis 0) on an exact-fp16 table -> ``Cast(Gather(E fp16, ids), float)`` (the table shared
+      with a tied lm_head's ``RocketMatMulF16``).
+
+    Weights that are not exactly fp16 are left fp32 (ONNX Runtime's own kernels). Raises ``ValueError`` on a node
+    the custom-op library cannot run (quantized V). Returns counts and the bytes of weights kept fp16."""
+    import onnx_ir as ir
+    from onnx_ir import tape as ir_tape
+
+    from .lowering import remove_unused_initializers, replace_node
+    graph = model.graph
+    halves: dict[tuple[str, bool], ir.Value] = {}      # (initializer name, transposed) -> fp16 initializer
+    stats = {"f16_matmul": 0, "dense_v_f16": 0, "fp16_v_values": 0, "fp16_gather": 0, "fp16_bytes": 0,
+             "fp32_weights_left": 0}
+
+    def half_of(value, transpose: bool, least: int = min_elements):
+        key = (value.name, transpose)
+        if key not in halves:
+            arr = _exact_fp16(value, least)
+            if arr is None:
+                halves[key] = None
+            else:
+                arr = np.ascontiguousarray(arr.T if transpose else arr)
+                name = f"{value.name}.fp16" + (".t" if transpose else "")
+                v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.FLOAT16),
+                             const_value=ir.tensor(arr, name=name))
+                graph.register_initializer(v)
+                halves[key] = v
+                stats["fp16_bytes"] += arr.nbytes
+        return halves[key]
+
+    for node in list(graph):
+        if node.domain in PLUGIN_DOMAINS and node.op_type == ONNX_OP:
+            a = {k: v.value for k, v in node.attributes.items()}
+            if int(a.get("value_type", VALUE_TYPE_SAME)) != VALUE_TYPE_SAME:
+                raise ValueError(f"{node.name}: the ort-packed target runs value_type 0 only (quantized V: export "
+                                 f"with --target ort or trt)")
+            h = half_of(node.inputs[1], False, 1)       # the op's own input: fp16 at any size
+            if h is None:
+                continue
+            if int(a["keep"]) == int(a["rank"]):        # dense V: values [out, rank] is V^T, a Linear weight
+                tp = ir_tape.Tape()
+                y = tp.op(F16_MATMUL_OP, [node.inputs[0], h], {"in_features": int(a["rank"]),
+                                                               "out_features": int(a["out_features"])},
+                          domain=ONNX_DOMAIN, name=f"{node.name or 'sparse_v'}.dense_v_f16_{stats['dense_v_f16']}")
+                replace_node(graph, node, tp, y)
+                stats["dense_v_f16"] += 1
+                stats["f16_matmul"] += 1
+            else:
+                node.replace_input_with(1, h)
+                stats["fp16_v_values"] += 1
+        elif node.domain == "" and node.op_type == "MatMul":
+            x, w = node.inputs
+            src = w.producer() if w is not None else None
+            if src is not None and src.op_type == "Transpose" and src.domain == "" and \
+                    list(src.attributes.get("perm").value if src.attributes.get("perm") else [1, 0]) == [1, 0]:
+                w16 = half_of(src.inputs[0], False)              # E [N, K] is already the layout the op reads
+            elif w is not None and w.is_initializer() and w.shape is not None and len(w.shape) == 2:
+                w16 = half_of(w, True)                           # W [K, N] -> [N, K]
+            else:
+                continue
+            if w16 is None or x.dtype not in (None, ir.DataType.FLOAT):
+                stats["fp32_weights_left"] += 1
+                continue
+            n, k = (int(d) for d in w16.shape)
+            tp = ir_tape.Tape()
+            y = tp.op(F16_MATMUL_OP, [x, w16], {"in_features": k, "out_features": n}, domain=ONNX_DOMAIN,
+                      name=f"{node.name or 'matmul'}.f16_{stats['f16_matmul']}")
+            replace_node(graph, node, tp, y)
+            if src is not None and src.op_type == "Transpose" and not src.outputs[0].uses():
+                graph.remove(src, safe=True)
+            stats["f16_matmul"] += 1
+        elif node.domain == "" and node.op_type == "Gather":
+            axis = node.attributes.get("axis")
+            if axis is not None and int(axis.value) != 0:
+                continue
+            e16 = half_of(node.inputs[0], False)
+            if e16 is None:
+                continue
+            tp = ir_tape.Tape()
+            base = f"{node.name or 'gather'}.fp16_{stats['fp16_gather']}"
+            g = tp.op("Gather", [e16, node.inputs[1]], {"axis": 0}, name=base)
+            g.dtype = ir.DataType.FLOAT16
+            y = tp.op("Cast", [g], {"to": ir.DataType.FLOAT}, name=f"{base}.cast_fp32")
+            replace_node(graph, node, tp, y)
+            stats["fp16_gather"] += 1
+    remove_unused_initializers(graph)
+    if stats["f16_matmul"]:
+        for imports in (graph.opset_imports, model.opset_imports):
+            imports.setdefault(ONNX_DOMAIN, OP_OPSET_VERSION)
+    return stats
+
+
+def unpack_for_validation(model) -> int:
+    """Undo :func:`pack_for_ort` in standard ops, for a plain ONNX Runtime session (the export's validation):
+    ``RocketMatMulF16(x, W)`` -> ``MatMul(x, Transpose(Cast(W)))`` and fp16 ``RocketSparseVMatMul`` values ->
+    ``Cast`` (both folded by ONNX Runtime at session start; :func:`rocket_deploy.export.lowering.lower_rocket_nodes`
+    then lowers the sparse nodes). Returns the nodes rewritten."""
+    import onnx_ir as ir
+    from onnx_ir import tape as ir_tape
+
+    from .lowering import replace_node
+    graph = model.graph
+    done = 0
+    for node in list(graph):
+        base = f"{node.name or 'node'}.unpacked_{done}"
+        if node.domain in PLUGIN_DOMAINS and node.op_type == F16_MATMUL_OP:
+            tp = ir_tape.Tape()
+            w = tp.op("Cast", [node.inputs[1]], {"to": ir.DataType.FLOAT}, name=f"{base}.w_fp32")
+            w.dtype = ir.DataType.FLOAT
+            wt = tp.op("Transpose", [w], {"perm": [1, 0]}, name=f"{base}.w_t")
+            wt.dtype = ir.DataType.FLOAT
+            y = tp.op("MatMul", [node.inputs[0], wt], name=f"{base}.matmul")
+            replace_node(graph, node, tp, y)
+            done += 1
+        elif node.domain in PLUGIN_DOMAINS and node.op_type == ONNX_OP and \
+                node.inputs[1].dtype == ir.DataType.FLOAT16 and node.inputs[0].dtype in (None, ir.DataType.FLOAT):
+            tp = ir_tape.Tape()
+            v = tp.op("Cast", [node.inputs[1]], {"to": ir.DataType.FLOAT}, name=f"{base}.values_fp32")
+            v.dtype, v.shape = ir.DataType.FLOAT, node.inputs[1].shape
+            graph.insert_before(node, tp.nodes)
+            node.replace_input_with(1, v)
+            done += 1
+    return done

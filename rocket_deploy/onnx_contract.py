@@ -35,6 +35,13 @@ OP_STRING_ATTRIBUTES = ("plugin_version", "plugin_namespace")
 # value_type: how the ``values`` input is stored. 1 and 2 take a 4th input, float32 per-column scales.
 VALUE_TYPES = {0: "same as activations", 1: "int8 + per-column scales", 2: "fp8 e4m3 + per-column scales"}
 VALUE_TYPE_SAME, VALUE_TYPE_INT8, VALUE_TYPE_FP8 = 0, 1, 2
+# The ``ort-packed`` target (ONNX Runtime CPU with the plugins_ort custom-op library; not a TensorRT graph): the
+# dense products read fp16 weights in the torch Linear layout, ``RocketMatMulF16(x float32 [..., in_features],
+# w float16 [out_features, in_features]) -> float32 [..., out_features]`` (domain ``rocket``), and the
+# ``RocketSparseVMatMul`` nodes take fp16 ``values`` with float32 activations (value_type 0).
+F16_MATMUL_OP = "RocketMatMulF16"
+F16_MATMUL_INT_ATTRIBUTES = ("in_features", "out_features")
+ORT_LIBRARY_OPS = (ONNX_OP, F16_MATMUL_OP)   # the ops of the ONNX Runtime CPU custom-op library (plugins_ort)
 
 # Microsoft contrib ops (MatMulNBits for int4 weights on the ort target).
 MS_DOMAIN = "com.microsoft"
@@ -44,8 +51,11 @@ OPSET = 18
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 EXPORT_INFO = "export.json"
-EXPORT_TARGETS = ("ort", "trt")        # ort: standard ops (+ com.microsoft); trt: the plugin node kept
-EXPORT_DTYPES = ("fp32", "fp16")       # the compute dtype carried in the graph
+# ort: standard ops (+ com.microsoft); trt: the plugin node kept; ort-packed: the trt graph with fp16 weights kept
+# fp16 in memory by the ONNX Runtime custom-op library (RocketMatMulF16 + RocketSparseVMatMul, fp32 compute)
+ORT_PACKED_TARGET = "ort-packed"
+EXPORT_TARGETS = ("ort", "trt", ORT_PACKED_TARGET)
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")   # the compute dtype carried in the graph
 # Keys of export.json that runtimes read (the rest is report material).
 INFO_TARGET = "target"                 # one of EXPORT_TARGETS
 INFO_DTYPE = "dtype"                   # one of EXPORT_DTYPES

@@ -49,6 +49,30 @@ def allocation_plot(manifest: dict[str, Any], path: str) -> str:
     return path
 
 
+STAGE_NOTES = {"selfgen": "sampling calibration text from the model", "calibration": "calibration text, tokens",
+               "sensitivity": "output sensitivity (one backward pass)",
+               "profile": "Grams, eigendecompositions, candidates", "allocate": "knapsack",
+               "materialize": "factorize the chosen layers", "safeguard": "the uniform allocation, built",
+               "evaluation": "held-out quality of both", "save": "write the artifact",
+               "total": "wall time"}
+
+
+def seconds_table(seconds: dict[str, Any]) -> tuple[list[str], list[list]]:
+    """Headers and rows of a compress run's stage times (``manifest["seconds"]``): ``reused`` stages show the
+    seconds they took when made (``profile_original``), stages that did not run ``-``."""
+    original = seconds.get("profile_original") or {}
+    rows = []
+    for stage, v in seconds.items():
+        if stage == "profile_original":
+            continue
+        if v == "reused" and stage in original:
+            v = f"reused (0 s; made in {original[stage]} s)"
+        elif v == "reused":
+            v = "reused (0 s)"
+        rows.append([stage, v, STAGE_NOTES.get(stage, "")])
+    return ["stage", "seconds", "what"], rows
+
+
 def format_table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

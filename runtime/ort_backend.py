@@ -52,7 +52,7 @@ class OrtEngine(Engine):
         so.log_severity_level = 3
         self.providers = list(providers) if providers else default_providers()
         from .ort_custom_ops import OrtOpsUnavailable, graph_uses_op, register
-        if graph_uses_op(self.path):                # a trt-target graph: the packed op's CPU library
+        if graph_uses_op(self.path):                # trt / ort-packed graph: the custom-op CPU library
             try:
                 register(so)
             except OrtOpsUnavailable as e:

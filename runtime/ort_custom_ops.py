@@ -1,7 +1,9 @@
-"""The ONNX Runtime CPU custom-op library for ``rocket.RocketSparseVMatMul``: locate, build, register.
+"""The ONNX Runtime CPU custom-op library for ``rocket.RocketSparseVMatMul`` and ``rocket.RocketMatMulF16``: locate,
+build, register.
 
-The C++ source is ``plugins_ort/rocket_ort_ops.cc`` (the packed bitmask product, V kept packed in memory; AVX2+F16C
-or scalar, chosen at run time). It is compiled once with ``g++ -O3 -shared -fPIC`` against the ONNX Runtime C
+The C++ source is ``plugins_ort/rocket_ort_ops.cc``: the packed bitmask product (V kept packed in memory) and the
+fp32 x fp16-weight product of the ``ort-packed`` target (weights kept fp16 in memory); AVX2+FMA+F16C or scalar,
+chosen at run time. It is compiled once with ``g++ -O3 -shared -fPIC`` against the ONNX Runtime C
 headers (no link to libonnxruntime: the library takes the API from ``RegisterCustomOps``) into
 ``$ROCKET_ORT_OPS_DIR`` (default ``~/.cache/rocket_deploy/ort_ops/<hash of the source>``). Headers are looked for
 in ``$ROCKET_ORT_INCLUDE``, then ``third_party/onnxruntime/include`` (``make ort-headers``). A prebuilt library can
@@ -14,7 +16,7 @@ import os
 import shutil
 import subprocess
 
-from rocket_deploy.onnx_contract import ONNX_OP, PLUGIN_DOMAINS
+from rocket_deploy.onnx_contract import ORT_LIBRARY_OPS, PLUGIN_DOMAINS
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(_ROOT, "plugins_ort", "rocket_ort_ops.cc")
@@ -59,7 +61,7 @@ def library_path(build: bool = True) -> str:
         return env
     problem = build_problem()
     if problem:
-        raise OrtOpsUnavailable(f"graph uses {ONNX_OP}, which needs the ONNX Runtime custom-op library: {problem}")
+        raise OrtOpsUnavailable(f"graph uses {'/'.join(ORT_LIBRARY_OPS)}, which needs the ONNX Runtime custom-op library: {problem}")
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read()).hexdigest()[:16]
     base = os.environ.get("ROCKET_ORT_OPS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rocket_deploy",
@@ -78,14 +80,15 @@ def library_path(build: bool = True) -> str:
 
 
 def graph_uses_op(path: str) -> bool:
-    """Whether the ONNX file holds a ``RocketSparseVMatMul`` node (in any plugin domain); weights are not read."""
+    """Whether the ONNX file holds a node of the library (``RocketSparseVMatMul`` / ``RocketMatMulF16``, in any plugin
+    domain); weights are not read."""
     import onnx
     m = onnx.load(path, load_external_data=False)
     graphs = [m.graph]
     while graphs:
         g = graphs.pop()
         for n in g.node:
-            if n.op_type == ONNX_OP and n.domain in PLUGIN_DOMAINS:
+            if n.op_type in ORT_LIBRARY_OPS and n.domain in PLUGIN_DOMAINS:
                 return True
             graphs.extend(a.g for a in n.attribute if a.HasField("g"))
     return False

@@ -29,16 +29,20 @@ def _ints(ctx, param, value):
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed generations per batch size.")
 @click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed generations per batch size.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="ORT intra-op threads (default: ORT's choice).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="torch / trt on CUDA: decode steps replayed from CUDA graphs on a static KV cache "
+                   "[default: on where the model runs on CUDA].")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON line.")
-def bench(path, backend, batches, prompt_len, gen_len, warmup, runs, threads, as_json):
+def bench(path, backend, batches, prompt_len, gen_len, warmup, runs, threads, cuda_graphs, as_json):
     """Latency and throughput of PATH: an artifact directory, an exported .onnx (or its folder), or a .plan."""
     if not os.path.exists(path):
         raise click.BadParameter(f"{path!r} does not exist; pass an artifact directory, a .onnx file or a .plan",
                                  param_hint="PATH")
     with friendly_errors():
-        from ..runtime.bench import BenchConfig, bench_engine, open_for_bench
+        from ..runtime.backends import open_backend
+        from ..runtime.bench import BenchConfig, bench_engine
         try:
-            engine = open_for_bench(path, backend, threads=threads)
+            engine = open_backend(path, backend, threads=threads, cuda_graphs=cuda_graphs)
         except (ValueError, FileNotFoundError) as e:
             raise click.BadParameter(str(e), param_hint="PATH") from e
         from ..runtime.bench import environment, few_runs_warning
@@ -48,6 +52,8 @@ def bench(path, backend, batches, prompt_len, gen_len, warmup, runs, threads, as
             click.echo(f"warning: {warn}", err=True)
         res = bench_engine(engine, cfg, None if as_json else (lambda m: click.echo(m, err=True)))
         res["environment"] = environment(engine, threads)
+        if hasattr(engine, "graph_stats"):
+            res["cuda_graphs"] = engine.graph_stats
     if not as_json:
         click.echo(f"{path} [{res['backend']}]  model {res['model_bytes'] / 1e6:.1f} MB  peak RSS "
                    f"{res['peak_rss_bytes'] / 1e6:.0f} MB" + (f"  GPU peak {res['gpu_peak_bytes'] / 1e6:.0f} MB"

@@ -2,12 +2,26 @@
 from __future__ import annotations
 
 import os
+import time
 
 import click
 
 from ..config import METHODS, QUANT_METHODS, QUANT_SCHEMES
+from ..report import seconds_table
 from ._common import echo_json_line, format_table, friendly_errors
 from ._options import build_configs, calibration_options, trust_remote_code_option
+
+
+class DeviceType(click.ParamType):
+    """``cpu``, ``cuda`` or ``cuda:N``, checked when parsed (before the model loads): a usage error naming the fix."""
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from ..devices import DeviceError, resolve_device
+        try:
+            return str(resolve_device(value))
+        except DeviceError as e:
+            self.fail(str(e), param, ctx)
 
 
 @click.command("compress")
@@ -37,12 +51,16 @@ from ._options import build_configs, calibration_options, trust_remote_code_opti
 @click.option("--error-propagation/--no-error-propagation", default=None,
               help="Fit each block to the outputs of the already-compressed blocks (one more calibration pass; "
                    "default: the config's; docs/benchmarks.md section 7).")
+@click.option("--device", type=DeviceType(), default="cpu", show_default=True,
+              help="Where calibration, the sensitivity pass, the Grams, eigendecompositions, candidates and "
+                   "factorizations run: cpu, cuda or cuda:N. The weights stay on the CPU; one block at a time "
+                   "moves to the device.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
 @calibration_options
 @trust_remote_code_option
 def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, safeguard, gram_damping, refit_rounds,
-             error_propagation, overwrite, as_json, calib, calib_samples,
+             error_propagation, device, overwrite, as_json, calib, calib_samples,
              seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet,
              trust_remote_code):
     """Compress MODEL (a Hugging Face directory, a .gguf file, or smollm2-135m) into an artifact at --out."""
@@ -70,12 +88,19 @@ def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, 
         from ..targets import select_targets
         lm = load_model(model, trust_remote_code=trust_remote_code)
         select_targets(lm.model, config.targets, config.exclude)     # fail fast on bad patterns
-        data = prepare_calibration(lm.tokenizer, cal, lm.model)
+        from ..compress.distributed import world
+        started = time.perf_counter()           # seconds.total counts from here (calibration, profile, compress)
+        data = prepare_calibration(lm.tokenizer, cal, lm.model, progress=not quiet and world().main)
+        from ..compress.distributed import world
+        quiet = quiet or not world().main       # torchrun: the other ranks help profile, then exit quietly
         prof = load_or_profile(lm.model, lm.tokenizer, config, cal, data, profile_dir, progress=not quiet,
-                               log=None if quiet else (lambda m: click.echo(m, err=True)))
+                               log=None if quiet else (lambda m: click.echo(m, err=True)), device=device)
+        if not world().main:
+            return
         try:
             res = run_compress(lm.model, lm.tokenizer, config, cal, out=out, overwrite=overwrite, profile=prof,
-                               data=data, inplace=True, progress=not quiet, source=lm.source)
+                               data=data, inplace=True, progress=not quiet, source=lm.source, device=device,
+                               started=started)
         finally:
             if profile_dir is None:
                 import shutil
@@ -85,8 +110,11 @@ def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, 
                "removed_bytes_fraction": round(b["removed_bytes_fraction"], 4),
                "compressed_bytes": b["compressed_bytes"], "dense_bytes": b["dense_bytes"],
                "params_ratio": round(b["params_ratio"], 4), "layers_compressed": b["layers_compressed"],
-               "layers_dense": b["layers_dense"], "seconds": res.manifest["timings_s"]}
+               "layers_dense": b["layers_dense"], "device": res.manifest["device"],
+               "seconds": res.manifest["seconds"]}
     if not as_json:
         rows = [[k, v] for k, v in summary.items() if k != "seconds"]
         click.echo(format_table(["field", "value"], rows))
+        click.echo()
+        click.echo(format_table(*seconds_table(res.manifest["seconds"])))
     echo_json_line(summary)

@@ -13,7 +13,7 @@ from ._options import no_verify_option, trust_remote_code_option
 @click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps.")
 @click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=1e-4, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--batch", "batch_size", type=click.IntRange(1), default=4, show_default=True, help="Sequences per step.")
-@click.option("--seq-len", type=click.IntRange(8), default=128, show_default=True, help="Tokens per training sequence.")
+@click.option("--seq-len", type=click.IntRange(8), default=128, show_default=True, help="Tokens per training sequence (longer calibration chunks are cut into pieces of this length).")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
               help="Learning-rate decay after the warmup.")
 @click.option("--warmup", "warmup_steps", type=click.IntRange(0), default=5, show_default=True, help="Linear warmup steps.")

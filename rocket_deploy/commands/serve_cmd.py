@@ -37,11 +37,14 @@ from ._options import no_verify_option, trust_remote_code_option
                    "Prefer the environment variable: a flag shows in the process list.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="Artifacts and .plan files on CUDA: decode steps replayed from CUDA graphs on a static KV cache "
+                   "[default: on where the model runs on CUDA].")
 @no_verify_option
 @trust_remote_code_option
 def serve(path, host, port, model_name, max_prompt_tokens, max_new_tokens, max_concurrent, max_queue,
           request_timeout, max_body_bytes, shutdown_timeout, header_timeout, body_timeout, api_key, log_level,
-          no_verify, trust_remote_code):
+          cuda_graphs, no_verify, trust_remote_code):
     """OpenAI-compatible HTTP server over a model.
 
     PATH is an artifact directory (from `rocket-deploy compress`), a .onnx file (from `rocket-deploy export`)
@@ -75,7 +78,8 @@ def serve(path, host, port, model_name, max_prompt_tokens, max_new_tokens, max_c
 
     from rocket_deploy.runtime.engine import open_engine
     try:
-        engine = open_engine(path, verify=not no_verify, trust_remote_code=trust_remote_code)   # artifacts only
+        engine = open_engine(path, verify=not no_verify, trust_remote_code=trust_remote_code,   # artifacts only
+                             cuda_graphs=cuda_graphs)                                       # torch / trt
     except FileNotFoundError as e:
         raise click.BadParameter(f"{e}. Pass an artifact directory, a .onnx file or a .plan file.",
                                  param_hint="PATH")

@@ -199,6 +199,25 @@ class ShapeRanges:
         return out
 
 
+def parse_shape_override(text: str) -> tuple[str, tuple[Shape, Shape, Shape]]:
+    """``"NAME:MIN,OPT,MAX"`` (each shape ``DxDx...``, e.g. ``input_ids:1x1,4x64,8x512``) or ``"NAME:SHAPE"``
+    (fixed: min = opt = max) -> ``(name, (min, opt, max))``, the form of :attr:`ShapeRanges.overrides`. Raises
+    ``ValueError`` naming the problem; the ranks and ``min <= opt <= max`` are checked by :class:`ShapeRanges`."""
+    name, sep, spec = str(text).strip().rpartition(":")
+    if not sep or not name or not spec:
+        raise ValueError(f"shape {text!r} is not NAME:MIN,OPT,MAX or NAME:SHAPE (e.g. input_ids:1x1,4x64,8x512)")
+    parts = spec.split(",")
+    if len(parts) not in (1, 3):
+        raise ValueError(f"shape {text!r} has {len(parts)} shapes; give one (fixed) or three (min,opt,max)")
+    try:
+        shapes = [tuple(int(d) for d in p.strip().lower().split("x")) for p in parts]
+    except ValueError:
+        raise ValueError(f"shape {text!r}: dimensions must be integers joined by 'x' (e.g. 1x128)") from None
+    if len(shapes) == 1:
+        shapes = shapes * 3
+    return name, (shapes[0], shapes[1], shapes[2])
+
+
 def _fmt_dims(dims) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 

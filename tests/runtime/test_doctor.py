@@ -128,3 +128,85 @@ def test_nvcc_check_reports_the_nvcc_the_extension_build_uses(monkeypatch, tmp_p
     assert kernel_ext.find_nvcc() == str(other)
     assert diagnostics.check_nvcc().detail.startswith(f"{other} (CUDA 11.8)")
     assert not hasattr(diagnostics, "_find_nvcc")
+
+
+# ---- issue 13: the export / serve dependencies, the ORT custom-op library, the PyTorch wheel index ----------------
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("cuda,index", [
+    ("12.6", "cu126"), ("12.7", "cu126"), ("12.8", "cu128"), ("12.9", "cu129"), ("12.4", "cu124"),
+    ("12.5", "cu124"), ("12.0", "cu118"), ("12.1", "cu121"), ("11.8", "cu118"), ("11.7", None), ("13.0", "cu130"),
+    ("13.2", "cu130"), ((13, 1), "cu130"), ("14.0", "cu130"), ("10.2", None), ("garbage", None), (None, None),
+])
+def test_pytorch_wheel_index(cuda, index):
+    got = diagnostics.pytorch_wheel_index(cuda)
+    assert got == (None if index is None else f"https://download.pytorch.org/whl/{index}")
+
+
+def test_parse_cuda_version():
+    smi = "| NVIDIA-SMI 560.35.03    Driver Version: 560.35.03    CUDA Version: 12.6     |"
+    assert diagnostics.parse_cuda_version(smi) == (12, 6)
+    assert diagnostics.parse_cuda_version("Cuda compilation tools, release 13.0, V13.0.48") == (13, 0)
+    assert diagnostics.parse_cuda_version("12.4") == (12, 4) and diagnostics.parse_cuda_version("") is None
+
+
+def test_torch_wheel_check_suggests_the_matching_index(monkeypatch):
+    import torch
+    monkeypatch.setattr(diagnostics, "found_cuda", lambda: ((12, 6), "the driver (nvidia-smi)"))
+    monkeypatch.setattr(torch.version, "cuda", None)
+    c = diagnostics.check_torch_wheel()
+    assert not c.ok and "CPU-only" in c.detail and "--index-url https://download.pytorch.org/whl/cu126" in c.fix
+    assert "cu126" in diagnostics.check_cuda().fix                         # the cuda check's fix is the same one
+    monkeypatch.setattr(torch.version, "cuda", "12.8")                     # wheel newer than the driver
+    c = diagnostics.check_torch_wheel()
+    assert not c.ok and "newer than the driver supports" in c.detail and "cu126" in c.fix
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    c = diagnostics.check_torch_wheel()
+    assert c.ok and "CUDA 12.4" in c.detail and "cu126" in c.detail
+    monkeypatch.setattr(diagnostics, "found_cuda", lambda: (None, ""))     # no driver, no toolkit: CPU is right
+    assert diagnostics.check_torch_wheel().ok
+
+
+def test_found_cuda_prefers_the_driver(monkeypatch):
+    monkeypatch.setattr(diagnostics, "driver_cuda_version", lambda: (12, 8))
+    monkeypatch.setattr(diagnostics, "nvcc_cuda_version", lambda: (12, 4))
+    assert diagnostics.found_cuda() == ((12, 8), "the driver (nvidia-smi)")
+    monkeypatch.setattr(diagnostics, "driver_cuda_version", lambda: None)
+    assert diagnostics.found_cuda() == ((12, 4), "the toolkit (nvcc)")
+
+
+def test_package_checks(monkeypatch):
+    by_name = {c.name: c for c in diagnostics.run_checks()}
+    for name in ("transformers", "onnxscript", "onnx-ir"):
+        assert by_name[name].ok and by_name[name].required
+    for name in ("onnxruntime-genai", "serve extra", "ORT custom-op library", "torch CUDA wheel"):
+        assert not by_name[name].required
+    real = importlib.util.find_spec
+    gone = ("sse_starlette", "onnxruntime_genai", "onnxscript")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in gone else real(n, *a))
+    c = diagnostics.check_serve_extra()
+    assert not c.ok and "missing sse-starlette" in c.detail and c.fix == "pip install 'rocket-deploy[serve]'"
+    c = diagnostics.check_ort_genai()
+    assert not c.ok and c.fix == "pip install onnxruntime-genai"
+    c = diagnostics.check_onnxscript()
+    assert not c.ok and c.required and "onnxscript" in c.fix
+
+
+def test_ort_custom_op_check_never_builds(monkeypatch, tmp_path):
+    from rocket_deploy.runtime import ort_custom_ops as oc
+    lib = tmp_path / oc.LIB_NAME
+    lib.write_bytes(b"x")
+    monkeypatch.setenv("ROCKET_ORT_OPS_LIB", str(lib))
+    c = diagnostics.check_ort_custom_ops()
+    assert c.ok and str(lib) in c.detail
+    monkeypatch.setenv("ROCKET_ORT_OPS_LIB", str(tmp_path / "missing.so"))
+    c = diagnostics.check_ort_custom_ops()
+    assert not c.ok and "missing.so" in c.detail and "make ort-ops" in c.fix
+    monkeypatch.delenv("ROCKET_ORT_OPS_LIB")
+    calls = []
+    monkeypatch.setattr(oc, "library_path", lambda build=True: calls.append(build) or str(tmp_path / "no" / "lib.so"))
+    c = diagnostics.check_ort_custom_ops()
+    assert calls == [False] and not c.ok and "not built yet" in c.detail and c.fix == "make ort-ops"
