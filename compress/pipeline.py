@@ -14,7 +14,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 import weakref
 from typing import Any

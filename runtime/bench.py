@@ -212,8 +212,3 @@ def greedy_tokens(engine: Engine, prompt_ids: Sequence[int], steps: int) -> list
     ids = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
     return [int(t) for t in one_generation(engine, ids, steps)["tokens"][0]]
 
-
-def open_for_bench(path: str, backend: str | None = None, threads: int | None = None, providers=None) -> Engine:
-    """Open ``path`` with the named backend (or the one its path implies); see :mod:`.backends`."""
-    from .backends import open_backend
-    return open_backend(path, backend, threads=threads, providers=providers)

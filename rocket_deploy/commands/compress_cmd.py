@@ -89,10 +89,9 @@ def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, 
         lm = load_model(model, trust_remote_code=trust_remote_code)
         select_targets(lm.model, config.targets, config.exclude)     # fail fast on bad patterns
         from ..compress.distributed import world
-        started = time.perf_counter()           # seconds.total counts from here (calibration, profile, compress)
-        data = prepare_calibration(lm.tokenizer, cal, lm.model, progress=not quiet and world().main)
-        from ..compress.distributed import world
         quiet = quiet or not world().main       # torchrun: the other ranks help profile, then exit quietly
+        started = time.perf_counter()           # seconds.total counts from here (calibration, profile, compress)
+        data = prepare_calibration(lm.tokenizer, cal, lm.model, progress=not quiet)
         prof = load_or_profile(lm.model, lm.tokenizer, config, cal, data, profile_dir, progress=not quiet,
                                log=None if quiet else (lambda m: click.echo(m, err=True)), device=device)
         if not world().main:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from _rocket_fixtures import rocketize
+from fake_cuda_graphs import FakeGraphs
 
 from rocket_deploy.runtime import static_kv
 from rocket_deploy.runtime.cuda_graphs import SlotPool, StepGraphs
@@ -182,27 +183,6 @@ def test_decode_step_has_no_host_synchronisation(rocket):
     with torch.inference_mode():
         slot.decode_step()
     np.testing.assert_allclose(slot.logits.numpy(), before.numpy(), atol=1e-6)
-
-
-class FakeGraphs:
-    """A graph backend without CUDA: capture records the step and runs nothing, replay runs the recorded step."""
-
-    def __init__(self, fail: bool = False):
-        self.fail, self.log = fail, []
-
-    def eager(self, fn):
-        self.log.append("eager")
-        return fn()
-
-    def capture(self, fn):
-        self.log.append("capture")
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return fn
-
-    def replay(self, captured):
-        self.log.append("replay")
-        captured()
 
 
 def _graphed(model, fake, enabled=True):

@@ -15,6 +15,7 @@ from _trt_graphs import HEAD_DIM, KV_HEADS, LAYERS, VOCAB, reference_decoder, ti
 from _trt_graphs import decoder_onnx  # noqa: F401 -- fixture
 from fake_tensorrt import no_plugin  # noqa: F401 -- fixture
 from fake_tensorrt import PLAN_BLOB, FakeEngine, install_runtime
+from fake_cuda_graphs import FakeGraphs
 
 from rocket_deploy.onnx_contract import LOGITS, POSITION_IDS, decoder_io_names, past_names
 from rocket_deploy.runtime.cuda_graphs import StepGraphs
@@ -54,27 +55,6 @@ def plan(monkeypatch, tmp_path, decoder_onnx, no_plugin):
         return contexts[-1]
     monkeypatch.setattr(FakeEngine, "create_execution_context", create)
     return p, engines, contexts
-
-
-class FakeGraphs:
-    """Capture records the step and runs nothing; replay runs the recorded step."""
-
-    def __init__(self, fail=False):
-        self.fail, self.log = fail, []
-
-    def eager(self, fn):
-        self.log.append("eager")
-        return fn()
-
-    def capture(self, fn):
-        self.log.append("capture")
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        return fn
-
-    def replay(self, fn):
-        self.log.append("replay")
-        fn()
 
 
 def _graphed(plan_path, fake, **kw):
