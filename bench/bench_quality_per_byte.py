@@ -24,6 +24,7 @@ import torch
 SETTINGS = {        # profile name -> RocketConfig fields that change what the profile holds
     "int4-gptq": {"quantize": "int4", "quant_method": "gptq"},
     "int4-gptq-ao": {"quantize": "int4", "quant_method": "gptq", "quant_act_order": True},
+    "int4-v4": {"quantize": "int4", "quant_method": "gptq", "quant_act_order": True, "quant_v_bits": 4},
     "int4-rtn": {"quantize": "int4"},
     "fp16": {},
     "int8": {"quantize": "int8"},
@@ -56,6 +57,9 @@ def runs_for(setting: str, args) -> list[tuple[str, dict]]:
         return out
     if setting == "int4-gptq-ao":      # act-order for the dense option and for GPTQ on U
         return [(f"ROCKET+int4 @{x} [dense GPTQ-AO, U GPTQ-AO + V refit]",
+                 {"budget": x, "quant_u_method": "gptq", "quant_v_refit": True}) for x in b(args.int4_budgets)]
+    if setting == "int4-v4":           # int4-gptq-ao with V's kept values at 4 bits (quant_v_bits=4)
+        return [(f"ROCKET+int4 @{x} [dense GPTQ-AO, U GPTQ-AO + V refit, V int4s]",
                  {"budget": x, "quant_u_method": "gptq", "quant_v_refit": True}) for x in b(args.int4_budgets)]
     if setting == "int4-rtn":
         return ([("dense int4 RTN", {"method": "dense-quant"})]

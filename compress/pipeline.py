@@ -422,6 +422,11 @@ def compress(model: torch.nn.Module, tokenizer, config: RocketConfig = RocketCon
     if config.method != "dense-quant" and prof.grid.get("quantize") != config.quantize:
         raise ValueError(f"the profile was made with quantize={prof.grid.get('quantize')!r} but the config asks for "
                          f"quantize={config.quantize!r}; profile again with the same quantize setting")
+    v_bits = prof.grid.get("quant_v_bits", 8)
+    if config.quantize and config.method != "dense-quant" and v_bits != config.quant_v_bits:
+        raise ValueError(f"the profile was made with quant_v_bits={v_bits} but the config "
+                         f"asks for quant_v_bits={config.quant_v_bits} (its candidates are sized for other V bytes); "
+                         f"profile again with the same setting")
     if prof.grid.get("gram_damping", 0.0) != config.gram_damping:
         raise ValueError(f"the profile was made with gram_damping={prof.grid.get('gram_damping', 0.0)!r} but the config "
                          f"asks for gram_damping={config.gram_damping!r}; profile again with the same setting")

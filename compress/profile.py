@@ -162,6 +162,8 @@ def profile_grid(config: RocketConfig) -> dict:
     if config.quantize:
         grid.update(quantize=config.quantize, quant_group_size=config.quant_group_size,
                     quant_method=config.quant_method, quant_act_order=config.quant_act_order)
+        if config.quant_v_bits != 8:        # absent for 8, so profiles made before the option still match
+            grid["quant_v_bits"] = config.quant_v_bits
     return grid
 
 
@@ -233,12 +235,14 @@ def profile_layer(name: str, w: torch.Tensor, s: torch.Tensor, s_inv: torch.Tens
 
 def layer_cost(d_in: int, d_out: int, dense_only: bool = False) -> float:
     """Relative compute of profiling one layer, to share a block's layers out among ranks: the eigendecomposition
-    of the ``d_in x d_in`` matrix ``Z Z^T`` plus the candidate grid (~ ``d_in d_out min(d_in, d_out)``); dense-only
-    (GPTQ over the inputs) ~ ``d_in^2 d_out``. The 1/8 weight of the eigendecomposition is measured: one thread,
-    SmolLM2-135M shapes, default grid (576x192 0.25 s, 576x576 0.77 s, 576x1536 2.6 s, 1536x576 4.9 s)."""
+    of the smaller side's Gram (``min(d_in, d_out)`` square: the ``d_out`` side for down_proj-like layers, see
+    :func:`~rocket_deploy.compress.factorize.eigenbasis`) plus the candidate grid (~ ``d_in d_out min(d_in, d_out)``);
+    dense-only (GPTQ over the inputs) ~ ``d_in^2 d_out``. The 1/8 weight of the eigendecomposition was measured on
+    one thread, SmolLM2-135M shapes, default grid (576x192 0.25 s, 576x576 0.77 s, 576x1536 2.6 s)."""
     if dense_only:
         return float(d_in) * d_in * d_out
-    return float(d_in) * d_out * min(d_in, d_out) + d_in ** 3 / 8
+    m = min(d_in, d_out)
+    return float(d_in) * d_out * m + m ** 3 / 8
 
 
 def _profile_one(name: str, mod: nn.Linear, gname: str, factor, config: RocketConfig, cache_dir: str,

@@ -23,7 +23,7 @@ DENSE_METRIC = "exact"
 
 def quant_bytes_fn(config: RocketConfig):
     """``bytes_fn(d_in, d_out, rank, keep)`` of the configured storage (fp16 when not quantized)."""
-    return bytes_fn(config.quantize, config.quant_group_size)
+    return bytes_fn(config.quantize, config.quant_group_size, config.quant_v_bits)
 
 
 def quant_fractions(config: RocketConfig, d_in: int, d_out: int) -> tuple[float, ...]:
@@ -60,7 +60,8 @@ def quantize_factorization(eb: Eigenbasis, f: Factorization, config: RocketConfi
     return quantize_factors(f.u, f.v, f.keep_mask, eb.s, config.quantize, config.quant_group_size,
                             u_metric=U_METRIC, v_metric=V_METRIC, u_method="gptq" if gptq else "rtn",
                             act_order=config.quant_act_order, v_refit=factor_aware and config.quant_v_refit,
-                            z=eb.z, hinv_factor=_hinv_factor(eb.s, config.quant_act_order) if gptq else None)
+                            z=eb.z, hinv_factor=_hinv_factor(eb.s, config.quant_act_order) if gptq else None,
+                            v_bits=config.quant_v_bits)
 
 
 def quantize_dense_weight(w: torch.Tensor, s: torch.Tensor, config: RocketConfig):
@@ -102,7 +103,7 @@ def quant_record(config: RocketConfig, kind: str) -> dict:
     if kind == "dense":
         return {"scheme": config.quantize, "w": u_format(config.quantize), "group_size": group,
                 "method": config.quant_method}
-    return {"scheme": config.quantize, "u": u_format(config.quantize), "v": v_format(config.quantize),
+    return {"scheme": config.quantize, "u": u_format(config.quantize), "v": v_format(config.quantize, config.quant_v_bits),
             "group_size": group, "method": config.quant_u_method, "v_refit": config.quant_v_refit}
 
 

@@ -16,10 +16,10 @@ import math
 
 import torch
 
-from rocket_deploy.quant_format import (DEFAULT_GROUP, FP8_MAX, FP16_TINY, INT4_LEVELS, INT8_MAX, SCALE_BYTES,
+from rocket_deploy.quant_format import (DEFAULT_GROUP, FP8_MAX, FP16_TINY, INT4_LEVELS, INT4S_MAX, INT8_MAX, SCALE_BYTES,
                                          SCHEMES, bytes_fn, check_scheme, dequant_cols, dequant_int4, dequant_matrix,
                                          matrix_bytes, n_groups, pack_nibbles, quant_dense_bytes, quant_factor_bytes,
-                                         u_format, unpack_nibbles, v_format)
+                                         pack_v_int4s, u_format, unpack_nibbles, v_format)
 from rocket_deploy.sparse_format import factor_bytes, mask_bytes_per_column, pack_v
 
 CLIP_RATIOS = (1.0, 0.97, 0.94, 0.9, 0.86, 0.82, 0.78, 0.72, 0.66, 0.6)
@@ -42,18 +42,22 @@ def gram_of(s: torch.Tensor) -> torch.Tensor:
     return s.t() @ s
 
 
-# -------------------------------------------------------------------------------------- per-column int8 / fp8
+# ------------------------------------------------------------------------------- per-column int8 / fp8 / int4s
+_COL_QMAX = {"int8": INT8_MAX, "fp8": FP8_MAX, "int4s": INT4S_MAX}
+
+
 def _round_codes(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Quantized codes of ``x`` (already divided by the scale) in their storage dtype."""
-    if fmt == "int8":
-        return torch.round(x).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    """Quantized codes of ``x`` (already divided by the scale) in their storage dtype (int4s: int8 codes -7..7,
+    packed to nibbles only when stored)."""
+    if fmt in ("int8", "int4s"):
+        return torch.round(x).clamp_(-_COL_QMAX[fmt], _COL_QMAX[fmt]).to(torch.int8)
     if fmt == "fp8":
         return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     raise ValueError(f"unknown per-column format {fmt!r}")
 
 
 def _qmax(fmt: str) -> float:
-    return INT8_MAX if fmt == "int8" else FP8_MAX
+    return _COL_QMAX[fmt]
 
 
 def quantize_cols(m: torch.Tensor, fmt: str, hessian: torch.Tensor | None = None,
@@ -64,8 +68,8 @@ def quantize_cols(m: torch.Tensor, fmt: str, hessian: torch.Tensor | None = None
     the ratio that minimises :func:`column_errors` with ``hessian`` is kept per column (ties keep the
     larger ratio). Returns ``(codes, scales float32 [N], dequantized [K, N] in m.dtype)``.
     """
-    if fmt not in ("int8", "fp8"):
-        raise ValueError(f"quantize_cols handles int8 / fp8, got {fmt!r}")
+    if fmt not in _COL_QMAX:
+        raise ValueError(f"quantize_cols handles {tuple(_COL_QMAX)}, got {fmt!r}")
     amax = m.abs().amax(dim=0)
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     best_err = best_scale = None
@@ -218,20 +222,23 @@ class QuantFactors:
     """Quantized ``U`` (``d_in x r``) and ``V`` (``r x d_out``, ``keep`` per column) of one layer."""
     scheme: str
     u: QuantMatrix
-    v_values: torch.Tensor     # [d_out, keep] codes (int8 / float8_e4m3fn), kept rows in increasing order
+    v_values: torch.Tensor     # [d_out, keep] codes (int8 / float8_e4m3fn; int4s: uint8 [d_out, ceil(keep/2)]
+                               # nibbles), kept rows in increasing order
     v_scales: torch.Tensor     # float32 [d_out]
     v_mask: torch.Tensor       # uint8 [d_out, ceil(r/8)]
     keep_mask: torch.Tensor    # bool [r, d_out]
     v_deq: torch.Tensor        # [r, d_out] dequantized V (zeros outside keep_mask)
     rank: int
     keep: int
+    v_bits: int = 8
 
     @property
     def u_deq(self) -> torch.Tensor:
         return self.u.deq
 
     def bytes(self, d_in: int, d_out: int) -> int:
-        return quant_factor_bytes(d_in, d_out, self.rank, self.keep, self.scheme, self.u.group or DEFAULT_GROUP)
+        return quant_factor_bytes(d_in, d_out, self.rank, self.keep, self.scheme, self.u.group or DEFAULT_GROUP,
+                                  self.v_bits)
 
 
 def normalize_components(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,10 +252,25 @@ def normalize_components(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> t
     return u / a[None, :], v * a[:, None]
 
 
+def equalize_v_rows(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale rank components so that every row of ``V`` has max |value| 1 (``U`` absorbs the factor exactly).
+
+    For 4-bit V values (one scale per output column, 15 levels): after :func:`normalize_components` the rows of
+    V carry the whitened spectrum, so a column's step is set by its largest component and the small ones round
+    to a few levels. With the per-entry whitened cost ``||S U_i||^2 dV_ij^2`` and a step proportional to the
+    column's largest ``|V_ij|``, the error ``max_i(|V_ij|)^2 sum_i ||S U_i||^2`` is smallest when the rows of V
+    have equal magnitude. U's quantization (per-column / per-(group, column) scales, GPTQ per column) is invariant
+    to the rescaling."""
+    a = v.abs().amax(dim=1)
+    a = torch.where(a > 0, a, torch.ones_like(a))
+    return u * a[None, :], v / a[:, None]
+
+
 def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, s: torch.Tensor, scheme: str,
                      group: int = DEFAULT_GROUP, u_metric: str = "exact", v_metric: str = "exact",
                      ratios=CLIP_RATIOS, u_method: str = "rtn", act_order: bool = False, v_refit: bool = False,
-                     z: torch.Tensor | None = None, hinv_factor: torch.Tensor | None = None) -> QuantFactors:
+                     z: torch.Tensor | None = None, hinv_factor: torch.Tensor | None = None,
+                     v_bits: int = 8) -> QuantFactors:
     """Quantize a factorization ``W ~ U V`` for deployment, minimising the whitened error ``||S(W - U_q V_q)||``.
 
     1. normalize the rank components (:func:`normalize_components`);
@@ -257,7 +279,8 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
        whitened error of a column perturbation ``dU_i`` is ``||S dU_i||^2 ||V_i||^2`` (+ cross terms
        ``2 (S dU_i)^T (S dU_j) V_i V_j^T`` that vanish when the rows of V are orthogonal), so the per-column
        search over ``||S dU_i||^2`` alone is exact up to those cross terms;
-    3. V: per-output-column int8/fp8 of the kept values, searched with the exact metric of a column
+    3. V: per-output-column int8/fp8 (``v_bits=4`` under int4: symmetric 4-bit ``int4s``) of the kept values,
+       searched with the exact metric of a column
        perturbation given the *quantized* U: ``dV_j^T (U_q^T H U_q) dV_j`` (error feedback from U to V's
        scales; ``v_metric`` "exact": the full ``r x r`` matrix, "diag": its diagonal ``||S U_q,i||^2``).
     The pipeline uses "diag" for both (profiling evaluates thousands of candidates); the final errors it
@@ -269,7 +292,7 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
     support against ``z`` (``S W``; default ``S U V``) given ``S U_q`` (:mod:`compress.quant_refit`) before
     step 3 quantizes them.
     """
-    check_scheme(scheme)
+    v_fmt = v_format(scheme, v_bits)                    # validates scheme and v_bits
     for name, val in (("u_metric", u_metric), ("v_metric", v_metric)):
         if val not in ("exact", "diag"):
             raise ValueError(f"{name} must be 'exact' or 'diag', got {val!r}")
@@ -277,6 +300,8 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
     s = s.to(dt)
     v = v.to(dt) * keep_mask.to(dt)
     u, v = normalize_components(u, v, s)
+    if v_fmt == "int4s":
+        u, v = equalize_v_rows(u, v)
     h = gram_of(s)
     if u_method == "gptq":
         from .gptq import gptq_quantize
@@ -291,16 +316,18 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
         from .quant_refit import refit_v_on_support
         v = refit_v_on_support(su, (z.to(dt) if z is not None else s @ (u @ v)), keep_mask)
     hv = su.t() @ su if v_metric == "exact" else su.pow(2).sum(0)
-    vq, v_scales, v_deq = quantize_cols(v, v_format(scheme), hv, ratios)
+    vq, v_scales, v_deq = quantize_cols(v, v_fmt, hv, ratios)
     v_deq = v_deq * keep_mask.to(dt)
     if vq.dtype == torch.float8_e4m3fn:
         vals, mask = pack_v(vq.view(torch.uint8), keep_mask)
         vals = vals.view(torch.float8_e4m3fn)
     else:
         vals, mask = pack_v(vq, keep_mask)
+    if v_fmt == "int4s":
+        vals = pack_v_int4s(vals)
     r = u.shape[1]
     k = int(keep_mask[:, 0].sum()) if keep_mask.shape[1] else r
-    return QuantFactors(scheme, uq, vals.contiguous(), v_scales, mask, keep_mask, v_deq, r, k)
+    return QuantFactors(scheme, uq, vals.contiguous(), v_scales, mask, keep_mask, v_deq, r, k, v_bits)
 
 
 def quantize_dense(w: torch.Tensor, s: torch.Tensor, scheme: str, group: int = DEFAULT_GROUP,

@@ -170,7 +170,8 @@ def quant_export_settings(model: nn.Module, target: str, dtype: str, int8_comput
         compute = [f"{f} DequantizeLinear -> MatMul" if f != "int4" else
                    "int4 INT4 blocked DequantizeLinear -> MatMul + zero-point correction" for f in sorted(weight_fmts)]
         if v_fmts:
-            compute.append(f"V {'/'.join(sorted(v_fmts))} codes + scales -> RocketSparseVMatMul")
+            names = [f if f != "int4s" else "int4s (widened to int8 codes)" for f in sorted(v_fmts)]
+            compute.append(f"V {'/'.join(names)} codes + scales -> RocketSparseVMatMul")
         return {"formats": sorted(fmts), "activations_quantized": False, "compute": "; ".join(compute)}
     level = DEFAULT_INT4_ACCURACY_LEVEL if int4_accuracy_level is None else int(int4_accuracy_level)
     if int8_compute == "dynamic" and dtype != "fp32":

@@ -61,11 +61,12 @@ class ExportQuantRocketLinear(nn.Module):
                  accuracy_level: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.rank, self.keep = src.in_features, src.out_features, src.rank, src.keep
-        self.u_fmt, self.v_fmt, self.group = src.u_fmt, src.v_fmt, src.group
+        self.u_fmt, self.v_fmt, self.group = src.u_fmt, src.v_code_fmt, src.group       # int4s: int8 codes
         self.fused = int8_fused and self.u_fmt == "int8"
         self.accuracy_level = int(accuracy_level)
         _register_matrix(self, "u", self.u_fmt, src.u_q, src.u_scales, src.u_zeros, dtype)
-        vals = src.v_values.view(torch.uint8) if self.v_fmt == "fp8" else src.v_values
+        vals = src.v_codes()
+        vals = vals.view(torch.uint8) if self.v_fmt == "fp8" else vals
         self.register_buffer("v_values_q", vals)
         self.register_buffer("v_scales", src.v_scales)
         self.register_buffer("v_mask", src.v_mask.to(torch.uint8))

@@ -29,12 +29,13 @@ class TrtQuantRocketLinear(nn.Module):
     def __init__(self, src: QuantRocketLinear, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.rank, self.keep = src.in_features, src.out_features, src.rank, src.keep
-        self.u_fmt, self.v_fmt, self.group = src.u_fmt, src.v_fmt, src.group
+        # int4s V values go to the plugin widened to int8 codes (it has no 4-bit value path): same product
+        self.u_fmt, self.v_fmt, self.group = src.u_fmt, src.v_code_fmt, src.group
         self.value_type = _VALUE_TYPE[self.v_fmt]
         self.register_buffer("u_q", src.u_q)
         self.register_buffer("u_scales", src.u_scales.to(dtype))
         self.register_buffer("u_zeros", src.u_zeros)
-        self.register_buffer("v_values", src.v_values)                  # int8 / float8_e4m3fn, as stored
+        self.register_buffer("v_values", src.v_codes())                 # int8 / float8_e4m3fn codes
         self.register_buffer("v_scales", src.v_scales.to(torch.float32))
         self.register_buffer("v_mask", src.v_mask.to(torch.uint8))
         self.register_buffer("bias", bias_in(src, dtype))

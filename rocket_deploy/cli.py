@@ -3,6 +3,7 @@ and is imported only when it runs (so ``--help`` stays fast and heavy imports st
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -42,10 +43,21 @@ def _module_exists(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# Commands that know how to share their work among torchrun processes (compress/distributed.py).
+DISTRIBUTED = ("compress",)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rocket-deploy")
-def main():
+@click.pass_context
+def main(ctx):
     """rocket-deploy: ROCKET compression, ONNX / TensorRT export, benchmarks and serving."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if ctx.invoked_subcommand not in (None, *DISTRIBUTED) and world.strip() not in ("", "1"):
+        # every process would run the whole command and write the same files
+        raise click.UsageError(f"'{ctx.invoked_subcommand}' runs in one process, but WORLD_SIZE={world} (torchrun): "
+                               f"only {', '.join(DISTRIBUTED)} shares its work among processes; run it without "
+                               "torchrun")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ class RocketConfig:
     quant_act_order: bool = True                 # gptq: process inputs by decreasing Gram diagonal
     quant_u_method: str = "gptq"
     quant_v_refit: bool = True                   # refit V's kept values to the quantized U (least squares on support)
+    # V's kept values: 4 (symmetric int4s, one scale per column) or 8 bits; None: 4 under int4 (docs/benchmarks.md
+    # section 6: better on every domain at the same bytes), else 8. Configs saved before the option load as 8.
+    quant_v_bits: int | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -129,6 +132,13 @@ class RocketConfig:
                    f"{name} must be one of {QUANT_METHODS}, got {getattr(self, name)!r}")
         for name in ("quant_act_order", "quant_v_refit"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.quant_v_bits is None:
+            object.__setattr__(self, "quant_v_bits", 4 if self.quantize == "int4" else 8)
+        _check(self.quant_v_bits in (8, 4) and not isinstance(self.quant_v_bits, bool),
+               f"quant_v_bits must be 8 or 4, got {self.quant_v_bits!r}")
+        _check(self.quant_v_bits == 8 or self.quantize == "int4",
+               f"quant_v_bits=4 stores V's kept values in 4 bits under the int4 scheme: set quantize to 'int4' "
+               f"(got {self.quantize!r}) or keep quant_v_bits=8")
         _check(self.method != "dense-quant" or self.quantize is not None,
                "method 'dense-quant' quantizes the dense weights: set quantize to one of " + str(QUANT_SCHEMES))
         _check(self.version == CONFIG_VERSION, f"config version {self.version} is not supported (expected {CONFIG_VERSION})")
@@ -140,6 +150,8 @@ class RocketConfig:
                 raise ConfigError(f"target pattern {p!r} is not a valid regular expression: {e}") from e
 
     def replace(self, **kw) -> "RocketConfig":
+        if "quantize" in kw and "quant_v_bits" not in kw:
+            kw["quant_v_bits"] = None                  # re-derived for the new scheme
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +169,8 @@ class RocketConfig:
             raise ConfigError(f"unknown RocketConfig fields {sorted(unknown)}")
         if "quant_group_size" in d and "quant_method" not in d:     # saved before GPTQ existed: it was rounded
             d = {"quant_method": "rtn", "quant_act_order": False, "quant_u_method": "rtn", "quant_v_refit": False, **d}
+        if "version" in d and "quant_v_bits" not in d:              # saved before the option: V was int8
+            d = {**d, "quant_v_bits": 8}
         return cls(**d)
 
 

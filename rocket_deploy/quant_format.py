@@ -14,6 +14,14 @@ Storage forms (what :mod:`rocket_deploy.quant_linear` and the artifact hold):
   (``nb = ceil(K/group)``; two codes per byte, the lower K index in the low nibble; ``K`` padded with zeros to
   ``nb*group``), ``scales float16 [N, nb]``, ``zeros uint8 [N, ceil(nb/2)]`` (zero points, two per byte, low
   nibble first); ``M[k, n] = (code - zero) * scale`` -- asymmetric unsigned 4-bit codes 0..15.
+
+V's packed values (``keep`` per output column, :func:`v_format`) are stored per column: ``int8`` / ``fp8`` as
+``[d_out, keep]`` codes with one float32 scale per column, or
+
+* ``int4s`` (``quant_v_bits=4`` under ``int4``): symmetric 4-bit codes -7..7 stored offset by 8 as nibbles,
+  ``uint8 [d_out, ceil(keep/2)]`` (value ``2i`` of a column in the low nibble, a zero nibble pads an odd
+  ``keep``), one float32 scale per column; ``value = (nibble - 8) * scale``. Export targets and kernels that take
+  1-byte values get the same codes widened to int8 (:func:`unpack_v_int4s`).
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ from rocket_deploy.sparse_format import factor_bytes
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 INT4_LEVELS = 15
+INT4S_MAX = 7.0           # V values under quant_v_bits=4: symmetric codes -7..7
+V_BITS = (8, 4)           # quant_v_bits choices (4: only under the int4 scheme)
 DEFAULT_GROUP = 128
 SCALE_BYTES = 4           # per-column scales: float32
 GROUP_SCALE_BYTES = 2     # int4 group scales: float16 (MatMulNBits takes fp16 or fp32 scales)
@@ -37,10 +47,16 @@ def u_format(scheme: str) -> str:
     return scheme
 
 
-def v_format(scheme: str) -> str:
-    """Format of V's packed values: int8 for ``int4`` (4-bit values next to an 8-bit-per-column bitmask and
-    per-column scales gain little and cost accuracy), else the scheme itself."""
+def v_format(scheme: str, v_bits: int = 8) -> str:
+    """Format of V's packed values: under ``int4`` int8 by default (``v_bits=8``) or ``int4s`` (``v_bits=4``:
+    symmetric 4-bit codes, one scale per column); else the scheme itself."""
     check_scheme(scheme)
+    if v_bits not in V_BITS:
+        raise ValueError(f"quant_v_bits must be one of {V_BITS}, got {v_bits!r}")
+    if v_bits == 4:
+        if scheme != "int4":
+            raise ValueError(f"quant_v_bits=4 needs the int4 scheme, got {scheme!r}")
+        return "int4s"
     return "int8" if scheme == "int4" else scheme
 
 
@@ -64,14 +80,22 @@ def matrix_bytes(k: int, n: int, fmt: str, group: int = DEFAULT_GROUP) -> int:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def quant_factor_bytes(d_in: int, d_out: int, rank: int, keep: int, scheme: str, group: int = DEFAULT_GROUP) -> int:
-    """Deployed bytes of a quantized ROCKET layer: U in ``u_format`` + V (bitmask when k < r, 1-byte values,
-    one float32 scale per output column)."""
-    uf = u_format(scheme)
-    u = matrix_bytes(d_in, rank, uf, group)
+def v_value_bytes(keep: int, d_out: int, v_fmt: str) -> int:
+    """Bytes of V's packed values (scales and mask not included)."""
+    if v_fmt == "int4s":
+        return d_out * ((keep + 1) // 2)
+    return d_out * keep
+
+
+def quant_factor_bytes(d_in: int, d_out: int, rank: int, keep: int, scheme: str, group: int = DEFAULT_GROUP,
+                       v_bits: int = 8) -> int:
+    """Deployed bytes of a quantized ROCKET layer: U in ``u_format`` + V (bitmask when k < r, its values in
+    ``v_format(scheme, v_bits)``, one float32 scale per output column)."""
+    u = matrix_bytes(d_in, rank, u_format(scheme), group)
     v_scales = SCALE_BYTES * d_out
-    # factor_bytes counts U at u_elem_bytes per element and V at 1 byte per value (+ mask when k < r)
-    return factor_bytes(d_in, d_out, rank, keep, u_elem_bytes=0, v_elem_bytes=1, extra_bytes=u + v_scales)
+    # factor_bytes counts U at 0 bytes here (it is in extra_bytes), V's values at 0 and the mask when k < r
+    mask_only = factor_bytes(d_in, d_out, rank, keep, u_elem_bytes=0, v_elem_bytes=0)
+    return mask_only + u + v_scales + v_value_bytes(keep, d_out, v_format(scheme, v_bits))
 
 
 def quant_dense_bytes(d_in: int, d_out: int, scheme: str, group: int = DEFAULT_GROUP) -> int:
@@ -79,14 +103,14 @@ def quant_dense_bytes(d_in: int, d_out: int, scheme: str, group: int = DEFAULT_G
     return matrix_bytes(d_in, d_out, u_format(scheme), group)
 
 
-def bytes_fn(scheme: str | None, group: int = DEFAULT_GROUP):
+def bytes_fn(scheme: str | None, group: int = DEFAULT_GROUP, v_bits: int = 8):
     """A ``bytes_fn(d_in, d_out, rank, keep)`` for :func:`compress.candidates.candidate_grid` / ``fit_rank``."""
     if scheme is None:
         return factor_bytes
-    check_scheme(scheme)
+    v_format(scheme, v_bits)                       # validates both
 
     def fn(d_in, d_out, rank, keep):
-        return quant_factor_bytes(d_in, d_out, rank, keep, scheme, group)
+        return quant_factor_bytes(d_in, d_out, rank, keep, scheme, group, v_bits)
     return fn
 
 
@@ -109,6 +133,21 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     lo = packed & 0x0F
     hi = packed >> 4
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def pack_v_int4s(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes -7..7 ``[d_out, keep]`` -> ``uint8 [d_out, ceil(keep/2)]`` (offset 8, see the module doc)."""
+    if codes.numel() and int(codes.abs().max()) > INT4S_MAX:
+        raise ValueError("int4s codes must lie in -7..7")
+    c = codes.to(torch.int16) + 8
+    if c.shape[-1] % 2:
+        c = torch.cat([c, torch.full_like(c[..., :1], 0)], dim=-1)     # pad nibble 0 (never read back)
+    return pack_nibbles(c.to(torch.uint8))
+
+
+def unpack_v_int4s(packed: torch.Tensor, keep: int) -> torch.Tensor:
+    """Inverse of :func:`pack_v_int4s`: int8 codes ``[d_out, keep]``."""
+    return (unpack_nibbles(packed)[..., :keep].to(torch.int16) - 8).to(torch.int8).contiguous()
 
 
 def dequant_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,

@@ -1,8 +1,9 @@
 """Quantized layers of a ``--quantize`` artifact (format version 2), run in torch with dequant-on-first-forward.
 
 * :class:`QuantRocketLinear` -- ``y = (x U) V + b`` with ``U`` int8 / fp8 (one float32 scale per rank
-  component) or int4 (MatMulNBits layout, groups along d_in) and ``V``'s packed values int8 / fp8 with one float32
-  scale per output column (same bitmask as :class:`~rocket_deploy.rocket_linear.RocketLinear`).
+  component) or int4 (MatMulNBits layout, groups along d_in) and ``V``'s packed values int8 / fp8 (or 4-bit
+  ``int4s`` nibbles) with one float32 scale per output column (same bitmask as
+  :class:`~rocket_deploy.rocket_linear.RocketLinear`).
 * :class:`QuantDenseLinear` -- an uncompressed layer whose weight is quantized the same way (per output channel,
   or group-wise int4): the ``dense-quant`` baseline and the knapsack's dense option under ``--quantize``.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quant_format import dequant_matrix, n_groups, u_format, v_format
+from .quant_format import V_BITS, dequant_matrix, n_groups, u_format, unpack_v_int4s, v_format
 from .sparse_format import full_mask, mask_bytes_per_column, unpack_v
 
 _STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -67,18 +68,23 @@ class QuantRocketLinear(_QuantBase):
     _QUANT_BUFFERS = ("u_q", "u_scales", "u_zeros", "v_values", "v_scales", "v_mask")
 
     def __init__(self, d_in: int, d_out: int, rank: int, keep: int, scheme: str, group: int = 128,
-                 bias: bool = False, bias_dtype: torch.dtype = torch.float16):
+                 bias: bool = False, bias_dtype: torch.dtype = torch.float16, v_fmt: str | None = None):
         super().__init__()
         if not (0 < keep <= rank):
             raise ValueError(f"keep must be in [1, rank={rank}], got {keep}")
         self.in_features, self.out_features, self.rank, self.keep = d_in, d_out, rank, keep
         self.scheme, self.group = scheme, group
-        self.u_fmt, self.v_fmt = u_format(scheme), v_format(scheme)
+        self.u_fmt = u_format(scheme)
+        formats = {v_format(scheme, b) for b in V_BITS if b == 8 or scheme == "int4"}
+        self.v_fmt = v_fmt or v_format(scheme)
+        if self.v_fmt not in formats:
+            raise ValueError(f"V's values cannot be {self.v_fmt!r} under the {scheme} scheme (one of {sorted(formats)})")
         ub = _matrix_buffers(d_in, rank, self.u_fmt, group)
         self.register_buffer("u_q", ub["q"])
         self.register_buffer("u_scales", ub["scales"])
         self.register_buffer("u_zeros", ub["zeros"])
-        self.register_buffer("v_values", torch.zeros(d_out, keep, dtype=_STORAGE[self.v_fmt]))
+        self.register_buffer("v_values", torch.zeros(d_out, (keep + 1) // 2, dtype=torch.uint8) if self.v_fmt == "int4s"
+                             else torch.zeros(d_out, keep, dtype=_STORAGE[self.v_fmt]))
         self.register_buffer("v_scales", torch.zeros(d_out, dtype=torch.float32))
         self.register_buffer("v_mask", full_mask(rank, d_out) if keep == rank
                              else torch.zeros(d_out, mask_bytes_per_column(rank), dtype=torch.uint8))
@@ -93,7 +99,7 @@ class QuantRocketLinear(_QuantBase):
     def from_quantized(cls, qf, d_in: int, d_out: int, bias: torch.Tensor | None = None) -> "QuantRocketLinear":
         """From a :class:`rocket_deploy.compress.quantize.QuantFactors`."""
         mod = cls(d_in, d_out, qf.rank, qf.keep, qf.scheme, qf.u.group or 128, bias is not None,
-                  bias.dtype if bias is not None else torch.float16)
+                  bias.dtype if bias is not None else torch.float16, v_format(qf.scheme, qf.v_bits))
         t = {"u_q": qf.u.q, "u_scales": qf.u.scales, "v_values": qf.v_values, "v_scales": qf.v_scales,
              "v_mask": qf.v_mask}
         if qf.u.zeros is not None:
@@ -113,9 +119,21 @@ class QuantRocketLinear(_QuantBase):
         return self._cached("u", dtype, lambda dt: dequant_matrix(self.u_fmt, self.u_q, self.u_scales, self.u_zeros,
                                                                  self.in_features, dt))
 
+    @property
+    def v_code_fmt(self) -> str:
+        """Format of :meth:`v_codes`: int8 for int4s (the 4-bit codes widened), else :attr:`v_fmt`."""
+        return "int8" if self.v_fmt == "int4s" else self.v_fmt
+
+    def v_codes(self) -> torch.Tensor:
+        """V's kept-value codes ``[d_out, keep]`` one byte each (int8 / float8_e4m3fn): what export targets and
+        kernels taking 1-byte values read (int4s nibbles widened to int8 codes -7..7, same scales)."""
+        if self.v_fmt == "int4s":
+            return unpack_v_int4s(self.v_values, self.keep)
+        return self.v_values
+
     def dense_v(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         def make(dt):
-            vals = self.v_values.to(dt) * self.v_scales.to(dt)[:, None]          # [d_out, keep]
+            vals = self.v_codes().to(dt) * self.v_scales.to(dt)[:, None]         # [d_out, keep]
             if self.is_dense_v:
                 return vals.t().contiguous()
             return unpack_v(vals.cpu(), self.v_mask.cpu(), self.rank).to(self.v_values.device)
@@ -133,7 +151,7 @@ class QuantRocketLinear(_QuantBase):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"keep={self.keep}, scheme={self.scheme}, bias={self.bias is not None}")
+                f"keep={self.keep}, scheme={self.scheme}, v={self.v_fmt}, bias={self.bias is not None}")
 
 
 class QuantDenseLinear(_QuantBase):
@@ -208,7 +226,7 @@ def compressed_layer(rec: dict, dtype: torch.dtype, storage_dtype: torch.dtype) 
         group = q.get("group_size") or 128
         if rec["kind"] == "rocket":
             return QuantRocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], q["scheme"], group,
-                                     bias=rec["has_bias"], bias_dtype=storage_dtype)
+                                     bias=rec["has_bias"], bias_dtype=storage_dtype, v_fmt=q.get("v"))
         return QuantDenseLinear(rec["d_in"], rec["d_out"], q["scheme"], group, bias=rec["has_bias"],
                                 bias_dtype=storage_dtype)
     return RocketLinear(rec["d_in"], rec["d_out"], rec["rank"], rec["keep"], bias=rec["has_bias"], dtype=dtype)

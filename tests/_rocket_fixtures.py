@@ -58,7 +58,7 @@ def make_artifact(model: torch.nn.Module, tokenizer, out: str) -> str:
 
 
 def quantize_rocketized(model: torch.nn.Module, records: dict, scheme: str, group: int = 128,
-                        dense_every: int = 5) -> dict:
+                        dense_every: int = 5, v_bits: int = 8) -> dict:
     """Turn a :func:`rocketize` d model into a format-version-2 one: every RocketLinear becomes a QuantRocketLinear
     (factors quantized with ``scheme``; whitening = identity), and every ``dense_every``-th targeted layer a
     QuantDenseLinear of its (factorized) weight, so both quantized module types are covered. Updates ``records``."""
@@ -83,20 +83,22 @@ def quantize_rocketized(model: torch.nn.Module, records: dict, scheme: str, grou
                            quant={"scheme": scheme, "w": u_format(scheme), "group_size": g})
             else:
                 qf = quantize_factors(u, v, keep_mask, eye, scheme, group, u_metric="diag", v_metric="diag",
-                                      ratios=(1.0,))          # plain max scaling: fast, enough for export tests
+                                      ratios=(1.0,), v_bits=v_bits)   # plain max scaling: fast, enough for export tests
                 new = QuantRocketLinear.from_quantized(qf, rec["d_in"], rec["d_out"], bias)
-                rec.update(quant={"scheme": scheme, "u": u_format(scheme), "v": v_format(scheme), "group_size": g})
+                rec.update(quant={"scheme": scheme, "u": u_format(scheme), "v": v_format(scheme, v_bits),
+                                  "group_size": g})
             set_module(model, name, new)
     return records
 
 
 def make_quant_artifact(model: torch.nn.Module, tokenizer, out: str, scheme: str, group: int = 128,
-                        overwrite: bool = False, records: dict | None = None) -> str:
+                        overwrite: bool = False, records: dict | None = None, v_bits: int = 8) -> str:
     """A small format-version-2 (``--quantize``) artifact without calibration: :func:`rocketize` (skipped when
     ``records`` of an already rocketized ``model`` are given) + :func:`quantize_rocketized`."""
     import copy
-    records = quantize_rocketized(model, copy.deepcopy(records) if records else rocketize(model), scheme, group)
+    records = quantize_rocketized(model, copy.deepcopy(records) if records else rocketize(model), scheme, group,
+                                  v_bits=v_bits)
     manifest = {"method": "rocket", "storage_dtype": "float16", "layers": records,
-                "config": {"quantize": scheme, "quant_group_size": group},
+                "config": {"quantize": scheme, "quant_group_size": group, "quant_v_bits": v_bits},
                 "budget": {"target_removed_fraction": 0.5}, "source": {}}
     return save_artifact(out, model, tokenizer, manifest, overwrite=overwrite)

@@ -32,13 +32,17 @@ class DeviceType(click.ParamType):
 @click.option("--method", type=click.Choice(METHODS), default="rocket",
               show_default=True, help="dense-quant: no ROCKET, the dense weights quantized with --quantize (baseline).")
 @click.option("--quantize", type=click.Choice(QUANT_SCHEMES), default=None,
-              help="Quantize the factors (U per rank component, V per output column; int4: U group-wise, V int8); "
+              help="Quantize the factors (U per rank component, V per output column; int4: U group-wise, V 4-bit); "
                    "the budget then counts quantized bytes. See docs/quantization.md.")
 @click.option("--quant-method", type=click.Choice(QUANT_METHODS), default=None,
               help="How quantized weights are rounded: rtn (nearest, whitened clip search) or gptq (error feedback "
                    "with the calibration Gram) -- for dense weights and U (default: the config's).")
 @click.option("--quant-v-refit/--no-quant-v-refit", default=None,
               help="Refit V's kept values to the quantized U (default: the config's).")
+@click.option("--quant-v-bits", type=click.Choice(["8", "4"]), default=None,
+              help="Bits of V's kept values under --quantize int4: 4 (symmetric, one scale per output column; "
+                   "the default) or 8 (int8). Export targets widen 4-bit values to int8 codes. See "
+                   "docs/quantization.md.")
 @click.option("--safeguard/--no-safeguard", default=True, show_default=True,
               help="Also build the uniform allocation at the same bytes and keep it if it has lower held-out "
                    "perplexity (costs one extra model build and evaluation).")
@@ -59,7 +63,7 @@ class DeviceType(click.ParamType):
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary JSON line.")
 @calibration_options
 @trust_remote_code_option
-def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, safeguard, gram_damping, refit_rounds,
+def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, quant_v_bits, safeguard, gram_damping, refit_rounds,
              error_propagation, device, overwrite, as_json, calib, calib_samples,
              seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet,
              trust_remote_code):
@@ -83,6 +87,8 @@ def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, 
             config = config.replace(quant_method=quant_method, quant_u_method=quant_method)
         if quant_v_refit is not None:
             config = config.replace(quant_v_refit=quant_v_refit)
+        if quant_v_bits is not None:
+            config = config.replace(quant_v_bits=int(quant_v_bits))
         from ..compress.pipeline import compress as run_compress, load_or_profile, prepare_calibration
         from ..models import load_model
         from ..targets import select_targets

@@ -149,3 +149,13 @@ def test_cli_reference_is_current():
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "gen_cli_docs.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("command", [["eval", "x"], ["sweep", "x", "--budgets", "0.3", "--out", "y"], ["heal", "x", "--out", "y"]])
+def test_commands_other_than_compress_refuse_torchrun(command, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = run(command)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"'{command[0]}' runs in one process" in r.output and "WORLD_SIZE=2" in r.output, r.output
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert "runs in one process" not in run(command).output      # one process: the command's own checks apply

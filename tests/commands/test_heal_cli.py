@@ -14,7 +14,7 @@ from rocket_deploy.models import load_model
 from rocket_deploy.rocket_linear import RocketLinear
 from rocket_deploy.sparse_format import unpack_bits
 
-COMPRESS = ["--calib-samples", "8", "--seq-len", "32", "--eval-samples", "4", "--quiet"]
+COMPRESS = ["--calib", "stdlib", "--calib-samples", "8", "--seq-len", "32", "--eval-samples", "4", "--quiet"]
 HEAL = ["--steps", "8", "--lr", "3e-3", "--batch", "4", "--seq-len", "32", "--warmup", "1",
         "--checkpoint-every", "4", "--quiet"]
 
@@ -39,7 +39,7 @@ def one_line_error(r, *words):
 @pytest.fixture(scope="module")
 def artifact(tiny_llama_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("heal") / "llama-0.3")
-    r = run(["compress", tiny_llama_dir, "--budget", "0.3", "--out", out, *COMPRESS])
+    r = run(["compress", tiny_llama_dir, "--budget", "0.5", "--out", out, *COMPRESS])
     assert r.exit_code == 0, r.output
     return out
 

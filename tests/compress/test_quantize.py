@@ -120,6 +120,37 @@ def test_quantized_factors_error_and_search(scheme):
     assert (st.whitened_sq - f.whitened_sq) < rel ** 2 * float((s @ w).pow(2).sum())
 
 
+def test_int4s_v_values_round_trip_bounds_and_cost():
+    """quant_v_bits=4: V's kept values as symmetric 4-bit codes (nibbles, odd keep padded), half a step of error at
+    clip ratio 1, more whitened error than int8 V but far less than the factorization's own at these sizes."""
+    from rocket_deploy.quant_format import pack_v_int4s, unpack_v_int4s
+    codes = torch.randint(-7, 8, (5, 7), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_v_int4s(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 4)
+    assert torch.equal(unpack_v_int4s(packed, 7), codes)
+    with pytest.raises(ValueError, match="-7..7"):
+        pack_v_int4s(torch.tensor([[8]], dtype=torch.int8))
+    m = torch.randn(40, 30, dtype=torch.float64)
+    q, scales, deq = quantize_cols(m, "int4s", None, ratios=(1.0,))
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 7
+    assert bool(((deq - m).abs() <= scales.double()[None, :] / 2 * (1 + 1e-6)).all())
+    s = _whitening(128, 3)
+    torch.manual_seed(4)
+    w = torch.randn(128, 96, dtype=torch.float64) / 10
+    f = factorize(eigenbasis(w, s), 64, 31)                            # odd keep
+    q8 = quantize_factors(f.u, f.v, f.keep_mask, s, "int4", group=64)
+    q4 = quantize_factors(f.u, f.v, f.keep_mask, s, "int4", group=64, v_bits=4)
+    assert q4.v_values.dtype == torch.uint8 and q4.v_values.shape == (96, 16) and torch.equal(q4.v_mask, q8.v_mask)
+    e8, e4 = factor_error_stats(w, q8, s).whitened_sq, factor_error_stats(w, q4, s).whitened_sq
+    assert f.whitened_sq < e8 < e4 < 2 * e8, (f.whitened_sq, e8, e4)
+    mod = QuantRocketLinear.from_quantized(q4, 128, 96)
+    assert mod.v_fmt == "int4s" and mod.v_values.shape == (96, 16)
+    assert torch.allclose(mod.dense_v(torch.float64), q4.v_deq, rtol=0, atol=1e-12)
+    assert q4.bytes(128, 96) == q8.bytes(128, 96) - 96 * (31 - 16)     # half a byte per value (odd keep rounds up)
+    with pytest.raises(ValueError, match="int4"):
+        quantize_factors(f.u, f.v, f.keep_mask, s, "int8", v_bits=4)
+
+
 def test_bytes_include_scales_and_match_storage():
     assert quant_factor_bytes(576, 1536, 192, 96, "int8") == 576 * 192 + 4 * 192 + 1536 * (24 + 96) + 4 * 1536
     assert quant_factor_bytes(576, 1536, 192, 192, "fp8") == 576 * 192 + 4 * 192 + 192 * 1536 + 4 * 1536
@@ -135,6 +166,12 @@ def test_bytes_include_scales_and_match_storage():
                          for n in ("u_q", "u_scales", "u_zeros", "v_values", "v_scales", "v_mask")
                          if getattr(mod, n) is not None and not (n == "v_mask" and keep == 48))
             assert stored == quant_factor_bytes(100, 72, 48, keep, scheme, 32), (scheme, keep)
+    for keep in (23, 24, 48):                                             # int4s V values: nibbles
+        mod = QuantRocketLinear(100, 72, 48, keep, "int4", group=32, v_fmt="int4s")
+        stored = sum(getattr(mod, n).numel() * getattr(mod, n).element_size()
+                     for n in ("u_q", "u_scales", "u_zeros", "v_values", "v_scales", "v_mask")
+                     if getattr(mod, n) is not None and not (n == "v_mask" and keep == 48))
+        assert stored == quant_factor_bytes(100, 72, 48, keep, "int4", 32, v_bits=4), keep
         d = QuantDenseLinear(100, 72, scheme, group=32)
         stored = sum(t.numel() * t.element_size() for t in (d.w_q, d.w_scales, d.w_zeros) if t is not None)
         assert stored == quant_dense_bytes(100, 72, scheme, 32)
@@ -148,6 +185,14 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="quant_group_size"):
         RocketConfig(quantize="int4", quant_group_size=7)
     assert RocketConfig.from_dict(RocketConfig(quantize="fp8").to_dict()).quantize == "fp8"
+    with pytest.raises(ConfigError, match="quant_v_bits=4 stores"):
+        RocketConfig(quantize="int8", quant_v_bits=4)
+    with pytest.raises(ConfigError, match="quant_v_bits must be 8 or 4"):
+        RocketConfig(quantize="int4", quant_v_bits=2)
+    assert RocketConfig(quantize="int4").quant_v_bits == 4 and RocketConfig(quantize="int8").quant_v_bits == 8
+    assert RocketConfig().replace(quantize="int4").quant_v_bits == 4                 # re-derived for the scheme
+    saved = {k: v for k, v in RocketConfig(quantize="int4").to_dict().items() if k != "quant_v_bits"}
+    assert RocketConfig.from_dict(saved).quant_v_bits == 8       # saved before the option existed: V was int8
 
 
 # ------------------------------------------------------------------------------------- profile and knapsack
@@ -157,6 +202,8 @@ def setup(tiny_tok):
     data = prepare_calibration(tiny_tok, CAL, model)
     profs = {q: run_profile(model, tiny_tok, RocketConfig(quantize=q), CAL, data=data, progress=False)
              for q in (None, "int8", "int4")}
+    profs["int4-v8"] = run_profile(model, tiny_tok, RocketConfig(quantize="int4", quant_v_bits=8), CAL, data=data,
+                                   progress=False)
     return model, data, profs
 
 
@@ -210,11 +257,12 @@ def test_profile_mismatch_is_refused(setup, tiny_tok):
 
 
 # ------------------------------------------------------------------------------------------------- artifact
-@pytest.mark.parametrize("scheme,budget", [("int8", 0.55), ("int4", 0.75)])
-def test_quantized_artifact_round_trip_bit_exact(setup, tiny_tok, tmp_path, scheme, budget):
+@pytest.mark.parametrize("scheme,budget,v_bits", [("int8", 0.55, 8), ("int4", 0.75, 8), ("int4", 0.75, 4)])
+def test_quantized_artifact_round_trip_bit_exact(setup, tiny_tok, tmp_path, scheme, budget, v_bits):
     model, data, profs = setup
-    cfg = RocketConfig(budget=budget, quantize=scheme, safeguard=False, cap_alphas=())
-    res = compress(model, tiny_tok, cfg, CAL, data=data, profile=profs[scheme], progress=False, out=str(tmp_path / "q"))
+    cfg = RocketConfig(budget=budget, quantize=scheme, safeguard=False, cap_alphas=(), quant_v_bits=v_bits)
+    prof = profs["int4-v8" if (scheme, v_bits) == ("int4", 8) else scheme]
+    res = compress(model, tiny_tok, cfg, CAL, data=data, profile=prof, progress=False, out=str(tmp_path / "q"))
     m = read_manifest(res.path)
     assert m["format_version"] == 2 and m["config"]["quantize"] == scheme
     assert m["budget"]["compressed_bytes"] <= (1 - budget) * m["budget"]["dense_bytes"]
@@ -228,7 +276,12 @@ def test_quantized_artifact_round_trip_bit_exact(setup, tiny_tok, tmp_path, sche
         assert t.dtype == live[k].dtype and torch.equal(t, live[k]), k
     name, rec = next((n, r) for n, r in m["layers"].items() if r["kind"] == "rocket")
     assert f[f"{name}.u_q"].dtype == (torch.uint8 if scheme == "int4" else torch.int8)
-    assert f[f"{name}.v_values"].dtype == torch.int8
+    assert f[f"{name}.v_values"].dtype == (torch.int8 if v_bits == 8 else torch.uint8)
+    assert rec["quant"]["v"] == ("int4s" if v_bits == 4 else "int8")
+    if v_bits == 4:
+        assert tuple(f[f"{name}.v_values"].shape) == (rec["d_out"], (rec["keep"] + 1) // 2)
+        with pytest.raises(ValueError, match="quant_v_bits"):      # a v8 profile cannot serve a v4 compress
+            compress(model, tiny_tok, cfg, CAL, data=data, profile=profs["int4-v8"], progress=False)
     stored = sum(f[f"{name}.{b}"].numel() * f[f"{name}.{b}"].element_size()
                  for b in ("u_q", "u_scales", "u_zeros", "v_values", "v_scales", "v_mask") if f"{name}.{b}" in f)
     assert stored == rec["bytes"]

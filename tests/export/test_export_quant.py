@@ -39,8 +39,11 @@ def qart(tmp_path_factory, tiny_tok):
     try:
         base = tiny_llama()
         records = rocketize(base)
-        return {s: make_quant_artifact(copy.deepcopy(base), tiny_tok, str(root / s), s, records=records)
+        arts = {s: make_quant_artifact(copy.deepcopy(base), tiny_tok, str(root / s), s, records=records)
                 for s in SCHEMES}
+        arts["int4-v4"] = make_quant_artifact(copy.deepcopy(base), tiny_tok, str(root / "int4-v4"), "int4",
+                                              records=records, v_bits=4)
+        return arts
     finally:
         torch.set_num_threads(threads)
 
@@ -322,3 +325,35 @@ def test_cli_quantized_export_options(qart, tmp_path):
         r = CliRunner().invoke(main, ["export", qart["int8"], "--out", str(tmp_path / "bad"), *bad])
         assert r.exit_code in (1, 2) and msg in r.output and "Traceback" not in r.output, r.output
     assert not os.path.exists(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_int4s_v_values_export_widened_to_int8_codes(qart, target, tmp_path):
+    """quant_v_bits=4: the artifact stores V's values as nibbles; both targets get the same codes widened to int8
+    (the trt node with value_type 1 = int8, the ort graph dequantizes them) and reproduce the torch model."""
+    from safetensors.torch import load_file
+    from rocket_deploy.quant_format import unpack_v_int4s
+    art = qart["int4-v4"]
+    res = export_artifact(art, str(tmp_path / "o"), target=target)
+    v = res.validation
+    assert v["passed"], v
+    assert _max_rel(v) < (1e-2 if target == "ort" else EXACT)          # ort: MatMulNBits accuracy_level 4
+    model, layers = _layers(art)
+    factors = load_file(os.path.join(art, "factors.safetensors"))
+    inits = _inits(onnx.load(res.path))
+    n = 0
+    for name, rec in layers.items():
+        if rec["kind"] != "rocket":
+            continue
+        assert rec["quant"]["v"] == "int4s"
+        packed = factors[f"{name}.v_values"]
+        assert packed.dtype == torch.uint8 and tuple(packed.shape) == (rec["d_out"], (rec["keep"] + 1) // 2)
+        key = f"{name}.v_values" if target == "trt" else f"{name}.v_values_q"
+        init = next(i for k, i in inits.items() if k.endswith(key))
+        codes = torch.from_numpy(onnx.numpy_helper.to_array(init).copy())
+        assert codes.dtype == torch.int8 and torch.equal(codes, unpack_v_int4s(packed, rec["keep"]))
+        assert int(codes.abs().max()) <= 7
+        n += 1
+    assert n
+    if target == "trt":
+        assert "int4s (widened to int8 codes)" in res.stats["quantization"]["compute"]

@@ -25,7 +25,7 @@ def llama_art(tmp_path_factory):
     return make_artifact(tiny_llama(), tiny_tokenizer(), str(tmp_path_factory.mktemp("hfq") / "llama"))
 
 
-@pytest.mark.parametrize("kind", ["rocket", "int8", "int4", "fp8", "bert"])
+@pytest.mark.parametrize("kind", ["rocket", "int8", "int4", "int4s", "fp8", "bert"])
 def test_from_pretrained_and_save_round_trip_bit_exact(kind, llama_art, tmp_path):
     from transformers import AutoModel, AutoModelForCausalLM
     auto = AutoModel if kind == "bert" else AutoModelForCausalLM
@@ -35,8 +35,9 @@ def test_from_pretrained_and_save_round_trip_bit_exact(kind, llama_art, tmp_path
     elif kind == "bert":
         art = make_artifact(tiny_bert(), tiny_tokenizer(), str(tmp_path / "bert"))
     else:
-        art = make_quant_artifact(tiny_llama(hidden=128), tiny_tokenizer(), str(tmp_path / kind), kind,
-                                  group=32 if kind == "int4" else 128)
+        scheme = "int4" if kind == "int4s" else kind                # int4s: int4 with 4-bit V values
+        art = make_quant_artifact(tiny_llama(hidden=128), tiny_tokenizer(), str(tmp_path / kind), scheme,
+                                  group=32 if scheme == "int4" else 128, v_bits=4 if kind == "int4s" else 8)
     ref = rd.load(art)
     model = auto.from_pretrained(art, dtype=torch.float32, **kw)
     types = {type(m).__name__ for m in model.modules()}
