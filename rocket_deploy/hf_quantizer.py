@@ -49,7 +49,9 @@ def quantization_config_dict(manifest: dict[str, Any]) -> dict[str, Any]:
               if r.get("quant") or r.get("kind") == "rocket"}
     for r in layers.values():
         if r["quant"]:
-            r["quant"] = {"scheme": r["quant"]["scheme"], "group_size": r["quant"].get("group_size")}
+            q = r["quant"]
+            r["quant"] = {"scheme": q["scheme"], "group_size": q.get("group_size"),
+                          **({"v": q["v"]} if q.get("v") else {})}       # V's value format (int4s: 4-bit)
     return {"quant_method": QUANT_METHOD, "format": manifest.get("format", "rocket-deploy/artifact"),
             "format_version": manifest.get("format_version"), "storage_dtype": manifest.get("storage_dtype", "float16"),
             "layers": layers, "requires": REQUIRES}
