@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 	-$(MAKE) ort-ops   # the ONNX Runtime CPU custom-op library (tests skip without it)
 
 test: setup
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
