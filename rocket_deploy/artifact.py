@@ -231,7 +231,12 @@ def build_skeleton(path: str, manifest: dict[str, Any], dtype: torch.dtype = tor
     for name, rec in manifest["layers"].items():
         _check_layer(model, name, rec, path)
         if rec.get("quant") or rec["kind"] == "rocket":   # quantized (format 2) or factorized; else left dense
-            set_module(model, name, compressed_layer(rec, dtype, _dtype(manifest.get("storage_dtype", "float16"))))
+            try:
+                layer = compressed_layer(rec, dtype, _dtype(manifest.get("storage_dtype", "float16")))
+            except (ValueError, KeyError) as e:         # a record no layer can be built from (scheme, formats, keep)
+                raise ArtifactError(f"{os.path.join(path, MANIFEST)}: layers[{name!r}]: {e}; the artifact is "
+                                    f"damaged or was edited, compress again") from None
+            set_module(model, name, layer)
     return model
 
 

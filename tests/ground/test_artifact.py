@@ -199,3 +199,16 @@ def test_legacy_manifest_without_architecture_kwargs(setup, tiny_tok, tmp_path):
     _drop_manifest_field(res.path, "architecture_kwargs")
     x = data.heldout.ids[:1]
     assert torch.equal(rd.load(res.path)(x).logits, res.model(x).logits)
+
+
+def test_unbuildable_quant_record_is_a_one_line_artifact_error(tiny_tok, tmp_path):
+    """A layer record no module can be built from (here V's value format edited to one that does not exist)."""
+    from _rocket_fixtures import make_quant_artifact
+    art = make_quant_artifact(tiny_llama(hidden=128), tiny_tok, str(tmp_path / "q"), "int4", group=32, v_bits=4)
+    mpath = os.path.join(art, "rocket.json")
+    m = json.load(open(mpath))
+    name = next(n for n, r in m["layers"].items() if r["kind"] == "rocket")
+    m["layers"][name]["quant"]["v"] = "int2"
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(ArtifactError, match=r"layers\[.*\].*'int2'.*compress again"):
+        rd.load(art)
