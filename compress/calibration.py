@@ -13,6 +13,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .whitening import gram
+
 
 class _StopForward(Exception):
     pass
@@ -156,7 +158,7 @@ class GramAccumulator:
             if group != name:      # a sharer seen first in an earlier call; its Gram is counted there
                 return
             x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            g = x2.t() @ x2
+            g = gram(x2)
             if group in self.grams:
                 self.grams[group] += g
                 self.tokens[group] += x2.shape[0]

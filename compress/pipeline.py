@@ -32,7 +32,7 @@ from rocket_deploy.sparse_format import artifact_format_version, factor_bytes, f
 from rocket_deploy.targets import select_targets, set_module
 
 from .allocate import Allocation, allocate, resolve_objective
-from .sensitivity import output_sensitivity
+from .sensitivity import output_sensitivity, sensitivity_rows
 from .baselines import uniform_choice
 from .factorize import balance_factors, factorize
 from .profile import LayerOption, Profile, profile_mismatch, profile_model, weight_in_out
@@ -147,13 +147,15 @@ def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = Rocket
         sens = None
         t0 = time.perf_counter()
         if is_causal_lm(model) and main:   # one backward pass: enables the "fisher" objective for this profile
-            sens = output_sensitivity(model, targets, data.calib.ids, calibration.batch_size // 2 or 1, device,
+            ids = data.calib.ids[sensitivity_rows(data.calib.ids.shape[0], calibration.sensitivity_samples)]
+            sens = output_sensitivity(model, targets, ids, calibration.batch_size // 2 or 1, device,
                                       progress=progress)
         t_sens = time.perf_counter() - t0
         cb, bar = _progress_cb(progress and main, len(targets))     # after the sensitivity pass has its own bar
         prof = profile_model(model, targets, data.calib.ids, config, cache_dir,
                              batch_size=calibration.batch_size, device=device, progress=cb,
-                             calibration_info={**data.info, "model_fingerprint": model_fingerprint(model)},
+                             calibration_info={**data.info, "model_fingerprint": model_fingerprint(model),
+                                               "sensitivity_samples": _sens_samples(data, calibration)},
                              sensitivity=sens)
     except BaseException:
         if owned:
@@ -173,6 +175,11 @@ def run_profile(model: torch.nn.Module, tokenizer, config: RocketConfig = Rocket
 
 
 profile = run_profile  # public name: rocket_deploy.profile
+
+
+def _sens_samples(data: CalibrationData, calibration: CalibrationConfig) -> int:
+    """How many calibration sequences the sensitivity pass of a profile of ``data`` uses (see :func:`run_profile`)."""
+    return min(int(data.calib.ids.shape[0]), calibration.sensitivity_samples)
 
 TIMINGS_FILE = "timings.json"       # beside profile.json: how long the profile took, on which device
 
@@ -206,8 +213,8 @@ def load_or_profile(model: torch.nn.Module, tokenizer, config: RocketConfig, cal
             from rocket_deploy.config import ConfigError
             raise ConfigError(f"the profile in {profile_dir} was made from another model (fingerprint "
                               f"{prof.calibration['model_fingerprint']}, this model {fp}); pass another --profile-dir")
-        why = profile_mismatch(prof, config, data.info, model_fingerprint=fp,
-                               targets=select_targets(model, config.targets, config.exclude))
+        why = profile_mismatch(prof, config, {**data.info, "sensitivity_samples": _sens_samples(data, calibration)},
+                               model_fingerprint=fp, targets=select_targets(model, config.targets, config.exclude))
         if why is None:
             if log:
                 log(f"reusing profile in {profile_dir}")
@@ -250,14 +257,13 @@ def place_factorization(model: torch.nn.Module, name: str, lin: torch.nn.Linear,
     new = RocketLinear.from_factors(u.to(home), v.to(home), f.keep_mask.to(home), bias, dtype=lin.weight.dtype)
     set_module(model, name, new.to(home))
     w = weight_in_out(lin).double().to(u.device)
-    dw = w - (u.double() @ v.double())
-    s = eb.s
+    dw = torch.addmm(w, u.double(), v.double(), alpha=-1)
+    sq = float((eb.s @ dw).pow(2).sum())
     return dict(kind="rocket", rank=f.rank, keep=f.keep,
                 bytes=factor_bytes(lp.d_in, lp.d_out, f.rank, f.keep),
                 params=factor_params(lp.d_in, lp.d_out, f.rank, f.keep),
                 rel_original=float(torch.linalg.matrix_norm(dw) / torch.linalg.matrix_norm(w)),
-                rel_whitened=float(torch.linalg.matrix_norm(s @ dw) / max(eb.z_norm, 1e-30)),
-                whitened_sq=float((s @ dw).pow(2).sum()))
+                rel_whitened=math.sqrt(sq) / max(eb.z_norm, 1e-30), whitened_sq=sq)
 
 
 def layer_record(lp) -> dict:
@@ -346,26 +352,36 @@ def heldout_quality(candidate: torch.nn.Module, dense: torch.nn.Module, ids: tor
 
 def safeguarded(model, prof: Profile, targets, choice, config: RocketConfig, data: CalibrationData, progress: bool,
                 device: str | torch.device = "cpu", seconds: dict | None = None):
-    """Materialise the knapsack allocation and uniform allocation at the same budget, keep whichever does
-    better on the held-out calibration split (never the evaluation domains). ``seconds`` gets ``materialize``
-    (the knapsack model), ``safeguard`` (the uniform one) and ``evaluation`` (both held-out measurements)."""
+    """Keep the knapsack allocation or the uniform one at the same budget, whichever does better on the held-out
+    calibration split (never the evaluation domains).
+
+    Both are compared as factorized without the both-factor refit (``refit_rounds``: it lowers every layer's
+    error by a few percent, both allocations alike, and is most of the build time); only the winner is then built
+    with it. ``seconds`` gets ``safeguard`` (both quick builds), ``evaluation`` (both held-out measurements) and
+    ``materialize`` (the winner with its refits; 0 when ``refit_rounds`` is 0 and the quick build is final)."""
     seconds = {} if seconds is None else seconds
+    quick = config.replace(refit_rounds=0) if config.refit_rounds and not config.quantize else config
     t = time.perf_counter()
     uni_choice = uniform_choice(prof, targets, config, config.budget, "rocket-uniform")
     ids = data.calib.ids
-    knap_model, knap_rec = materialize(model, prof, choice, config, progress=progress, calib_ids=ids, device=device)
-    t, seconds["materialize"] = time.perf_counter(), round(time.perf_counter() - t, 2)
-    uni_model, uni_rec = materialize(model, prof, uni_choice, config, progress=progress, calib_ids=ids, device=device)
+    knap_model, knap_rec = materialize(model, prof, choice, quick, progress=progress, calib_ids=ids, device=device)
+    uni_model, uni_rec = materialize(model, prof, uni_choice, quick, progress=progress, calib_ids=ids, device=device)
     t, seconds["safeguard"] = time.perf_counter(), round(time.perf_counter() - t, 2)
     ids = data.heldout.ids
     q_knap = heldout_quality(knap_model, model, ids)
     q_uni = heldout_quality(uni_model, model, ids)
-    seconds["evaluation"] = round(time.perf_counter() - t, 2)
+    t, seconds["evaluation"] = time.perf_counter(), round(time.perf_counter() - t, 2)
     use_uniform = q_uni < q_knap and sum(r["bytes"] for r in uni_rec.values()) <= prof.dense_bytes * (1 - config.budget)
     guard = {"metric": "perplexity" if is_causal_lm(model) else "hidden-state rel. L2",
              "split": "held-out calibration documents", "knapsack": q_knap, "uniform": q_uni,
-             "chosen": "uniform" if use_uniform else "knapsack"}
-    return (uni_model, uni_rec, guard) if use_uniform else (knap_model, knap_rec, guard)
+             "chosen": "uniform" if use_uniform else "knapsack", "compared_without_refit": quick is not config}
+    new_model, records = (uni_model, uni_rec) if use_uniform else (knap_model, knap_rec)
+    del knap_model, uni_model
+    if quick is not config:
+        new_model, records = materialize(model, prof, uni_choice if use_uniform else choice, config,
+                                         progress=progress, calib_ids=data.calib.ids, device=device)
+    seconds["materialize"] = round(time.perf_counter() - t, 2)
+    return new_model, records, guard
 
 
 def summarize(records: dict[str, dict]) -> dict[str, Any]:

@@ -179,6 +179,10 @@ def profile_mismatch(profile: "Profile", config: RocketConfig, calibration_info:
         return "it profiled other layers (--targets / --exclude differ)"
     if profile.calibration.get("calib_sha256_16") != calibration_info.get("calib_sha256_16"):
         return "it was made from other calibration tokens"
+    if "sensitivity_samples" in calibration_info and (profile.calibration.get("sensitivity_samples")
+                                                       != calibration_info["sensitivity_samples"]):
+        return (f"its sensitivity pass used {profile.calibration.get('sensitivity_samples', 'all')} calibration "
+                f"sequences, this run asks for {calibration_info['sensitivity_samples']}")
     want, have = profile_grid(config), profile.grid
     if have.get("dense_only") and not want.get("dense_only"):
         return (f"it holds only the dense quantized weights (made for --method dense-quant); method "

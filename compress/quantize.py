@@ -314,7 +314,7 @@ def quantize_factors(u: torch.Tensor, v: torch.Tensor, keep_mask: torch.Tensor, 
     su = s @ uq.deq
     if v_refit:
         from .quant_refit import refit_v_on_support
-        v = refit_v_on_support(su, (z.to(dt) if z is not None else s @ (u @ v)), keep_mask)
+        v = refit_v_on_support(su, (z.to(dt) if z is not None else s @ (u @ v)), keep_mask, v0=v)
     hv = su.t() @ su if v_metric == "exact" else su.pow(2).sum(0)
     vq, v_scales, v_deq = quantize_cols(v, v_fmt, hv, ratios)
     v_deq = v_deq * keep_mask.to(dt)

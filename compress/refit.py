@@ -24,12 +24,14 @@ from .quant_refit import refit_v_on_support as _support_least_squares
 V_RIDGE = 1e-6
 
 
-def refit_v_on_support(zw: torch.Tensor, d: torch.Tensor, keep_mask: torch.Tensor, ridge: float = V_RIDGE) -> torch.Tensor:
-    """Least-squares V on a fixed support for a fixed whitened dictionary ``d`` (see the module docstring)."""
+def refit_v_on_support(zw: torch.Tensor, d: torch.Tensor, keep_mask: torch.Tensor, ridge: float = V_RIDGE,
+                       v0: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares V on a fixed support for a fixed whitened dictionary ``d`` (see the module docstring;
+    ``v0``, the current V, starts the iterative solve of :mod:`.quant_refit`)."""
     if zw.shape[0] != d.shape[0] or keep_mask.shape != (d.shape[1], zw.shape[1]):
         raise ValueError(f"refit_v_on_support: shapes do not match (Z {tuple(zw.shape)}, D {tuple(d.shape)}, "
                          f"mask {tuple(keep_mask.shape)}); expected Z d_in x d_out, D d_in x r, mask r x d_out")
-    return _support_least_squares(d, zw, keep_mask, ridge)
+    return _support_least_squares(d, zw, keep_mask, ridge, v0=v0)
 
 
 def whitened_sq_error(zw: torch.Tensor, d: torch.Tensor, v: torch.Tensor) -> float:
@@ -44,7 +46,7 @@ def alternate_refit(zw: torch.Tensor, d: torch.Tensor, v: torch.Tensor, keep_mas
     best = (whitened_sq_error(zw, d, v), d, v)
     errors = [best[0]]
     for _ in range(rounds):
-        v = refit_v_on_support(zw, d, keep_mask, ridge_v)
+        v = refit_v_on_support(zw, d, keep_mask, ridge_v, v0=v)
         d = ridge_refit(zw, v, ridge_rel)
         err = whitened_sq_error(zw, d, v)
         errors.append(err)

@@ -22,6 +22,14 @@ from rocket_deploy.targets import find_blocks
 from .calibration import _accepts_use_cache, block_on, capture_block_inputs, non_blocks_on
 
 
+def sensitivity_rows(n_samples: int, wanted: int) -> torch.Tensor:
+    """Indices of the ``wanted`` calibration sequences (of ``n_samples``) the sensitivity pass uses: evenly spread,
+    so every source of a mixed corpus (stored one after another) is represented; all when ``wanted >= n``."""
+    if wanted >= n_samples:
+        return torch.arange(n_samples)
+    return torch.linspace(0, n_samples - 1, wanted, dtype=torch.float64).round().long()
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -8,6 +8,26 @@ class WhiteningError(RuntimeError):
     pass
 
 
+GRAM_BLOCK = 384    # gram(): column blocks of at least this many (up to 4 blocks); narrower inputs: one product
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` of ``x [n, d]`` in ``x``'s dtype, exactly symmetric. For ``d >= 2 * GRAM_BLOCK`` only the upper
+    block rows are multiplied: with ``b`` column blocks that is ``(b + 1) / 2b`` of the full product's flops
+    (4 blocks: 62%; 2048 x 1536 float64 on this machine's 2 cores, 1 thread each, side by side: 0.39-0.42 s full,
+    0.29-0.35 s blocked)."""
+    d = x.shape[1]
+    nb = max(1, min(4, d // GRAM_BLOCK))
+    if nb == 1:
+        g = x.t() @ x
+    else:
+        g = torch.empty(d, d, dtype=x.dtype, device=x.device)
+        edges = [round(i * d / nb) for i in range(nb + 1)]
+        for a, b in zip(edges[:-1], edges[1:]):
+            g[a:b, a:] = x[:, a:b].t() @ x[:, a:]
+    return g.triu() + g.triu(1).t()
+
+
 def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """``H + damping * mean(diag H) * I`` (float64): the whitened error becomes ``||X dW||^2 + c ||dW||^2``,
     which trades a little calibration-domain fidelity for robustness on inputs the calibration did not cover."""

@@ -42,6 +42,7 @@ class CalibrationConfig:
     heldout_fraction: float = 0.2
     seed: int = 0
     batch_size: int = 8
+    sensitivity_samples: int = 32   # calibration sequences of the sensitivity pass (evenly spread; all if fewer)
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -51,6 +52,8 @@ class CalibrationConfig:
         _check(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
         _check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(isinstance(self.sensitivity_samples, int) and self.sensitivity_samples >= 1,
+               f"sensitivity_samples must be an integer >= 1, got {self.sensitivity_samples!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

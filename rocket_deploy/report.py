@@ -52,7 +52,7 @@ def allocation_plot(manifest: dict[str, Any], path: str) -> str:
 STAGE_NOTES = {"selfgen": "sampling calibration text from the model", "calibration": "calibration text, tokens",
                "sensitivity": "output sensitivity (one backward pass)",
                "profile": "Grams, eigendecompositions, candidates", "allocate": "knapsack",
-               "materialize": "factorize the chosen layers", "safeguard": "the uniform allocation, built",
+               "materialize": "factorize the chosen layers", "safeguard": "knapsack and uniform, built unrefitted",
                "evaluation": "held-out quality of both", "save": "write the artifact",
                "total": "wall time"}
 

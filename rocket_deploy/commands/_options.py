@@ -24,6 +24,10 @@ def calibration_options(f):
                           "default mix stdlib+pyref+licenses+selfgen."),
         click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1), help="Calibration sequences."),
         click.option("--seq-len", default=256, show_default=True, type=click.IntRange(8), help="Tokens per sequence."),
+        click.option("--sensitivity-samples", default=32, show_default=True, type=click.IntRange(1),
+                     help="Calibration sequences of the sensitivity (backward) pass, evenly spread over the sources "
+                          "(all of them when fewer). It steers the allocation only: 32 allocate as well as 64 "
+                          "(docs/benchmarks.md) in half the time."),
         click.option("--eval-samples", default=16, show_default=True, type=click.IntRange(1), help="Held-out sequences."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of the document split."),
         click.option("--targets", multiple=True, metavar="REGEX", help="Layer-name patterns to compress (default: attention and MLP projections)."),
@@ -42,7 +46,7 @@ def calibration_options(f):
 
 
 def build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, seed, targets, exclude,
-                  byte_fractions, keep_ratios, objective, quantize=None):
+                  byte_fractions, keep_ratios, objective, quantize=None, sensitivity_samples=32):
     from ..config import CalibrationConfig, RocketConfig
     kw = {"budget": budget, "method": method, "quantize": quantize}      # validated together: dense-quant needs quantize
     if targets:
@@ -57,7 +61,7 @@ def build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, s
         kw["objective"] = objective
     from ..config import DEFAULT_SOURCES
     cal = CalibrationConfig(sources=calib or DEFAULT_SOURCES, samples=calib_samples, seq_len=seq_len,
-                            eval_samples=eval_samples, seed=seed)
+                            eval_samples=eval_samples, seed=seed, sensitivity_samples=sensitivity_samples)
     return RocketConfig(**kw), cal
 
 

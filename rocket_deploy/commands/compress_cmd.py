@@ -65,7 +65,7 @@ class DeviceType(click.ParamType):
 @trust_remote_code_option
 def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, quant_v_bits, safeguard, gram_damping, refit_rounds,
              error_propagation, device, overwrite, as_json, calib, calib_samples,
-             seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet,
+             sensitivity_samples, seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet,
              trust_remote_code):
     """Compress MODEL (a Hugging Face directory, a .gguf file, or smollm2-135m) into an artifact at --out."""
     from ..safe_io import OutputError, check_output
@@ -75,7 +75,7 @@ def compress(model, budget, out, method, quantize, quant_method, quant_v_refit, 
         raise click.ClickException(str(e)) from e
     with friendly_errors():
         config, cal = build_configs(budget, method, calib, calib_samples, seq_len, eval_samples, seed, targets,
-                                    exclude, byte_fractions, keep_ratios, objective, quantize)
+                                    exclude, byte_fractions, keep_ratios, objective, quantize, sensitivity_samples)
         config = config.replace(safeguard=safeguard)
         if gram_damping is not None:
             config = config.replace(gram_damping=gram_damping)

@@ -24,14 +24,15 @@ from ._options import build_configs, calibration_options, float_list
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON line.")
 @calibration_options
 def sweep(model, budgets, out, backend, method, prompt_len, gen_len, runs, threads, as_json, calib, calib_samples,
-          seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet):
+          sensitivity_samples, seq_len, eval_samples, seed, targets, exclude, byte_fractions, keep_ratios, objective, profile_dir, quiet):
     """Profile MODEL once, compress it at each budget, export every model (and the dense one) to ONNX, and compare
     held-out quality, file size and decode speed side by side (table, results.json, sweep.png)."""
     if not budgets or not all(0 < b < 1 for b in budgets):
         raise click.BadParameter(f"budgets must be fractions in (0, 1), got {budgets}", param_hint="--budgets")
     with friendly_errors():
         config, cal = build_configs(budgets[0], method, calib, calib_samples, seq_len, eval_samples, seed, targets,
-                                    exclude, byte_fractions, keep_ratios, objective)
+                                    exclude, byte_fractions, keep_ratios, objective,
+                                    sensitivity_samples=sensitivity_samples)
         from ..workflows.sweep import run_sweep
         res = run_sweep(model, budgets, out, config=config, calibration=cal, backend=backend, prompt_len=prompt_len,
                         gen_len=gen_len, runs=runs, threads=threads, profile_dir=profile_dir,

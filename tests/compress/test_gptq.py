@@ -1,4 +1,6 @@
 """GPTQ (compress/gptq.py) against a float64 reference, against round-to-nearest, and V refit on U_q."""
+import math
+
 import pytest
 import torch
 
@@ -197,3 +199,28 @@ def test_rocket_int4_factor_aware_lowers_layer_errors(tiny_setup):
     for n in rocket:
         assert on["layers"][n]["rel_whitened"] <= on["layers"][n]["rel_whitened_rtn"] * (1 + 1e-6)
         assert on["layers"][n]["rel_whitened_rtn"] == pytest.approx(off["layers"][n]["rel_whitened"], rel=1e-9)
+
+
+@pytest.mark.parametrize("d_in,r,d_out,keep,cond", [(40, 12, 9, 5, 1.0), (64, 32, 50, 7, 1e3), (30, 16, 33, 15, 1e7),
+                                                     (16, 16, 8, 1, 1.0), (20, 24, 10, 12, 1.0),
+                                                     (48, 24, 40, 12, -1e-7)])
+def test_iterative_v_refit_matches_the_direct_solve(d_in, r, d_out, keep, cond):
+    """The CG solve (warm-started or not) equals the batched-Cholesky solve to rounding, also on ill-conditioned
+    or nearly collinear dictionaries (CG stalls: those columns fall back to the direct solve, as after 1 iteration)."""
+    g = torch.Generator().manual_seed(d_in + r)
+    scale = torch.logspace(0, math.log10(cond) if cond > 0 else 0, r, dtype=torch.float64)
+    a = torch.randn(d_in, r, generator=g, dtype=torch.float64) * scale
+    if cond < 0:            # nearly collinear columns: CG stalls, those columns are solved directly
+        a[:, 1::2] = a[:, ::2][:, :a[:, 1::2].shape[1]] + (-cond) * torch.randn(d_in, r // 2, generator=g,
+                                                                                dtype=torch.float64)
+    z = torch.randn(d_in, d_out, generator=g, dtype=torch.float64)
+    mask = torch.zeros(r, d_out, dtype=torch.bool)
+    for j in range(d_out):
+        mask[torch.randperm(r, generator=g)[:keep], j] = True
+    direct = refit_v_on_support(a, z, mask, max_iters=0)
+    for v0, iters in ((None, 60), (torch.randn(r, d_out, generator=g, dtype=torch.float64), 60), (None, 1)):
+        it = refit_v_on_support(a, z, mask, v0=v0, max_iters=iters)
+        assert bool((it[~mask] == 0).all())
+        err = lambda v: float((z - a @ v).pow(2).sum())
+        assert abs(err(it) - err(direct)) <= 1e-9 * err(direct)
+        assert torch.allclose(it, direct, rtol=1e-5, atol=1e-7 * float(direct.abs().max()))

@@ -6,7 +6,7 @@ import torch
 
 from rocket_deploy.compress.candidates import candidate_grid, fit_rank
 from rocket_deploy.compress.factorize import balance_factors, eigenbasis, factorize, select_keep_mask
-from rocket_deploy.compress.whitening import damped_gram, inverse_upper, whitening_factor
+from rocket_deploy.compress.whitening import damped_gram, gram, inverse_upper, whitening_factor
 from rocket_deploy.sparse_format import factor_bytes
 
 
@@ -126,3 +126,14 @@ def test_candidate_grid_fits_bytes():
             assert c.keep == c.rank or c.keep < c.rank
         r, k = fit_rank(d_in, d_out, 0.5 * dense, 0.5, 8)
         assert factor_bytes(d_in, d_out, r, k) <= 0.5 * dense < factor_bytes(d_in, d_out, r + 8, round(0.5 * (r + 8)))
+
+
+@pytest.mark.parametrize("n,d", [(50, 5), (300, 128), (200, 800), (2048, 576), (64, 1536), (30, 1537)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocked_gram_equals_the_full_product(n, d, dtype):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64).to(dtype)
+    g = gram(x)
+    ref = x.double().t() @ x.double()
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert g.dtype == dtype and torch.equal(g, g.t())
+    assert float((g.double() - ref).abs().max()) <= tol * float(ref.abs().max())

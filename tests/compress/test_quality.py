@@ -1,4 +1,5 @@
 """Issue-7 features: objectives, output sensitivity, safeguard, model-sampled text, disjoint held-out text."""
+import dataclasses
 import os
 
 import pytest
@@ -6,10 +7,10 @@ import torch
 
 from rocket_deploy.compress import pipeline
 from rocket_deploy.compress.allocate import allocate, resolve_objective
-from rocket_deploy.compress.pipeline import compress, prepare_calibration, run_profile
+from rocket_deploy.compress.pipeline import compress, load_or_profile, prepare_calibration, run_profile
 from rocket_deploy.selfgen import sample_texts, selfgen_documents
-from rocket_deploy.compress.sensitivity import output_sensitivity
-from rocket_deploy.config import CalibrationConfig, RocketConfig
+from rocket_deploy.compress.sensitivity import output_sensitivity, sensitivity_rows
+from rocket_deploy.config import CalibrationConfig, ConfigError, RocketConfig
 from rocket_deploy.corpus import load_source, split_documents
 from rocket_deploy.evaluation import heldout_split
 from rocket_deploy.targets import select_targets
@@ -91,6 +92,14 @@ def test_safeguard_keeps_the_better_allocation(llama_profile, tiny_tok, monkeypa
                    profile=prof, progress=False)
     assert {n: (r["rank"], r["keep"]) for n, r in res.manifest["layers"].items()} == \
         {n: (r["rank"], r["keep"]) for n, r in uni.manifest["layers"].items()}
+    # compared unrefitted, but the winner is built with its refits: the same layers as a direct build
+    assert res.manifest["allocation"]["safeguard"]["compared_without_refit"] is True
+    assert {n: r["whitened_sq"] for n, r in res.manifest["layers"].items()} == \
+        pytest.approx({n: r["whitened_sq"] for n, r in uni.manifest["layers"].items()}, rel=1e-9)
+    quick = compress(model, tiny_tok, RocketConfig(budget=0.3, method="rocket-uniform", refit_rounds=0), CAL,
+                     data=data, profile=prof, progress=False)
+    assert sum(r["whitened_sq"] for r in res.manifest["layers"].values()) < \
+        sum(r["whitened_sq"] for r in quick.manifest["layers"].values())
 
 
 def test_no_safeguard_flag(llama_profile, tiny_tok):
@@ -129,3 +138,30 @@ def test_heldout_never_overlaps_calibration(tiny_tok):
 def test_encoder_skips_selfgen(tiny_tok):
     data = prepare_calibration(tiny_tok, CAL, tiny_bert())
     assert "selfgen" in data.info["skipped_sources"] and "selfgen" not in data.info["sources"]
+
+
+def test_sensitivity_pass_uses_an_even_spread_of_the_calibration(tiny_tok, tmp_path, monkeypatch):
+    """--sensitivity-samples: the backward pass sees that many sequences, spread over every source; a profile made
+    with another count is not reused (its fisher errors weigh other sensitivities)."""
+    assert sensitivity_rows(64, 16).tolist() == [round(i * 63 / 15) for i in range(16)]
+    assert sensitivity_rows(8, 16).tolist() == list(range(8))
+    model = tiny_llama()
+    cal = CalibrationConfig(sources=("stdlib", "pyref"), samples=8, seq_len=32, eval_samples=4, sensitivity_samples=3)
+    data = prepare_calibration(tiny_tok, cal, model)
+    seen = []
+    real = pipeline.output_sensitivity
+
+    def spy(m, t, ids, *a, **k):
+        seen.append(ids)
+        return real(m, t, ids, *a, **k)
+    monkeypatch.setattr(pipeline, "output_sensitivity", spy)
+    prof = load_or_profile(model, tiny_tok, RocketConfig(), cal, data, str(tmp_path / "p"), progress=False)
+    assert torch.equal(seen[0], data.calib.ids[[0, 4, 7]]) and prof.calibration["sensitivity_samples"] == 3
+    msgs = []
+    load_or_profile(model, tiny_tok, RocketConfig(), cal, data, str(tmp_path / "p"), progress=False, log=msgs.append)
+    assert msgs == [f"reusing profile in {tmp_path / 'p'}"] and len(seen) == 1
+    load_or_profile(model, tiny_tok, RocketConfig(), dataclasses.replace(cal, sensitivity_samples=8), data,
+                    str(tmp_path / "p"), progress=False, log=msgs.append)
+    assert "sensitivity pass used 3" in msgs[-1] and len(seen) == 2 and seen[1].shape[0] == 8
+    with pytest.raises(ConfigError, match="sensitivity_samples"):
+        CalibrationConfig(sensitivity_samples=0)
